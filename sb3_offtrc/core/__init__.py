@@ -1,0 +1,33 @@
+"""Layer 1: the mathematics of Off-Policy TRC as pure tensor functions.
+
+Nothing here knows about environments, replay buffers or SB3 base classes; every function is
+unit-tested against an independent reference (a slow loop, numpy/scipy, Monte Carlo).
+Section numbers refer to ``shared/ALGORITHM.md``.
+"""
+
+from sb3_offtrc.core.cvar import cvar_coefficient, gaussian_cvar
+from sb3_offtrc.core.surrogates import SurrogateConstants, cost_surrogates, reward_surrogate
+from sb3_offtrc.core.targets import OffPolicyTargets, linear_recurrence_backward, offpolicy_targets
+from sb3_offtrc.core.trust_region import (
+    StepCase,
+    StepSolution,
+    adaptive_trust_region,
+    diag_gaussian_kl,
+    solve_constrained_step,
+)
+
+__all__ = [
+    "OffPolicyTargets",
+    "StepCase",
+    "StepSolution",
+    "SurrogateConstants",
+    "adaptive_trust_region",
+    "cost_surrogates",
+    "cvar_coefficient",
+    "diag_gaussian_kl",
+    "gaussian_cvar",
+    "linear_recurrence_backward",
+    "offpolicy_targets",
+    "reward_surrogate",
+    "solve_constrained_step",
+]

@@ -1,0 +1,111 @@
+"""Trust-region pieces: Gaussian KL, the adaptive radius and the constrained step (ALGORITHM.md §3.6-3.7)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import torch as th
+
+
+def diag_gaussian_kl(mean_p: th.Tensor, std_p: th.Tensor, mean_q: th.Tensor, std_q: th.Tensor) -> th.Tensor:
+    """KL(p || q) of diagonal Gaussians, summed over the last (action) dimension."""
+    var_ratio = (std_p / std_q) ** 2
+    mahalanobis = ((mean_p - mean_q) / std_q) ** 2
+    return 0.5 * th.sum(var_ratio + mahalanobis - 1.0 - th.log(var_ratio), dim=-1)
+
+
+def adaptive_trust_region(max_kl: float, kappa: float) -> float:
+    """``eps' = max(0, eps - (sqrt(kappa (eps + kappa/4)) - kappa/2))`` (§3.6).
+
+    ``kappa`` is the mean KL between the behaviour policies in the batch and ``pi_k``: the further
+    the data already is from ``pi_k``, the smaller the step may be, so that the new policy stays
+    within ``eps`` of the data in the paper's bound.
+    """
+    if kappa < 0 or math.isnan(kappa):
+        raise ValueError(f"kappa must be a non-negative KL, got {kappa}")
+    shrink = math.sqrt(kappa * (max_kl + kappa / 4.0)) - kappa / 2.0
+    return max(0.0, max_kl - shrink)
+
+
+class StepCase(enum.IntEnum):
+    """Which branch of the dual produced the step (logged as ``train/step_case``)."""
+
+    SKIPPED = -1  # numerical fault: no step taken, parameters kept
+    FEASIBLE = 0  # the whole trust region satisfies the constraint: natural-gradient step
+    CONSTRAINED = 1  # the constraint plane cuts the trust region: CPO dual
+    RECOVERY = 2  # no feasible point in the trust region: step that only lowers the CVaR
+
+
+class StepSolution(NamedTuple):
+    case: StepCase
+    lam: float  # Lagrange multiplier of the trust region (step = (H^-1 g - nu H^-1 b) / lam)
+    nu: float  # Lagrange multiplier of the cost constraint
+    recovery_scale: float  # step = -recovery_scale * H^-1 b in the recovery case
+    reason: str  # why the step was skipped, "" otherwise
+
+
+_TINY = 1e-8
+
+
+def _skip(reason: str) -> StepSolution:
+    return StepSolution(StepCase.SKIPPED, math.nan, math.nan, 0.0, reason)
+
+
+def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b_norm_sq: float) -> StepSolution:
+    """Closed-form dual of ``max g'x  s.t.  x'Hx/2 <= eps,  c + b'x <= 0`` (CPO, §3.7).
+
+    ``q = g'H^-1 g``, ``r = g'H^-1 b``, ``s = b'H^-1 b``, ``b_norm_sq = |b|^2``. The primal solution is
+    ``x = (H^-1 g - nu H^-1 b) / lam`` or, in the recovery case, ``x = -sqrt(2 eps / s) H^-1 b``.
+    Any numerical fault (NaN/inf, ``q <= 0``, ``s ~ 0`` where it is needed, ``eps = 0``) returns a
+    SKIPPED solution with a reason instead of a NaN step (the authors' code has no such guard).
+    """
+    values = {"q": q, "r": r, "s": s, "c": c, "eps": eps, "|b|^2": b_norm_sq}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        return _skip(f"non-finite {', '.join(bad)} (conjugate gradient diverged?)")
+    if eps <= 1e-12:  # below this the step underflows
+        return _skip("trust region radius is zero (behaviour data too far from the policy)")
+    if q <= _TINY:
+        return _skip(f"g'H^-1 g = {q:.3g} is not positive (vanishing or indefinite reward gradient)")
+
+    lam_natural = math.sqrt(q / (2.0 * eps))
+    if c < 0.0 and b_norm_sq <= _TINY:
+        return StepSolution(StepCase.FEASIBLE, lam_natural, 0.0, 0.0, "")
+    if s <= _TINY:
+        return _skip(f"b'H^-1 b = {s:.3g} is ~0 while the constraint is active (vanishing cost gradient)")
+
+    big_b = 2.0 * eps - c * c / s
+    if big_b <= 0.0:
+        if c < 0.0:
+            return StepSolution(StepCase.FEASIBLE, lam_natural, 0.0, 0.0, "")
+        return StepSolution(StepCase.RECOVERY, math.nan, math.nan, math.sqrt(2.0 * eps / s), "")
+
+    big_a = max(q - r * r / s, _TINY)  # >= 0 by Cauchy-Schwarz; floored against round-off
+    # Split lam >= 0 at the point where lam c + r changes sign (nu > 0 on one side only).
+    if abs(c) > _TINY:
+        boundary = max(0.0, -r / c)
+        if c > 0.0:
+            interval_a, interval_b = (boundary, math.inf), (0.0, boundary)
+        else:
+            interval_a, interval_b = (0.0, boundary), (boundary, math.inf)
+    elif r > 0.0:
+        interval_a, interval_b = (0.0, math.inf), (0.0, 0.0)
+    else:
+        interval_a, interval_b = (0.0, 0.0), (0.0, math.inf)
+
+    lam_a = min(max(math.sqrt(big_a / big_b), interval_a[0]), interval_a[1])
+    lam_b = min(max(lam_natural, interval_b[0]), interval_b[1])
+
+    def f_a(lam: float) -> float:
+        return -0.5 * (big_a / lam + big_b * lam) + r * c / s if lam > 0.0 else -math.inf
+
+    def f_b(lam: float) -> float:
+        return -0.5 * (q / lam + 2.0 * eps * lam) if lam > 0.0 else -math.inf
+
+    lam = lam_a if f_a(lam_a) >= f_b(lam_b) else lam_b
+    if not (lam > 0.0 and math.isfinite(lam)):
+        return _skip(f"dual gave lambda = {lam}")
+    nu = max(0.0, lam * c + r) / s
+    return StepSolution(StepCase.CONSTRAINED, lam, nu, 0.0, "")
