@@ -28,7 +28,7 @@ Reference numbers (defaults, 100 steps, measured with :func:`straight_policy` /
 policy      return   episode cost (0/1) cost / step
 =========== ======== ================== ===========
 straight    ~100     10                 0.10
-detour      ~96      0                  0.00
+detour      ~98      0                  0.00
 =========== ======== ================== ===========
 
 A per-step limit ``d = 0.025`` (episode limit 2.5, the paper's default ``d``) makes the straight

@@ -1,0 +1,1 @@
+"""Monitoring, evaluation and cost plumbing usable with any SB3 algorithm."""
