@@ -45,6 +45,23 @@ ViolationFn = Callable[[float, dict[str, Any]], bool]
 DEFAULT_VIOLATION_KEYS = ("cv", "violation")
 
 
+def step_violation(
+    cost: float, info: dict[str, Any], violation_key: str | None = None, violation_threshold: float = 0.0
+) -> bool:
+    """Whether one step is a constraint violation.
+
+    ``info[violation_key] > 0`` when a key is given; otherwise the first of
+    :data:`DEFAULT_VIOLATION_KEYS` found in info (Safety-Gymnasium's native 0/1 cost when the
+    training cost is the smooth one); otherwise ``cost > violation_threshold``.
+    """
+    if violation_key is not None:
+        return float(info.get(violation_key, 0.0)) > 0.0
+    for key in DEFAULT_VIOLATION_KEYS:
+        if key in info:
+            return float(info[key]) > 0.0
+    return cost > violation_threshold
+
+
 class CostMonitor(gym.Wrapper):
     """Track episode cost sum ``c`` and constraint-violation count ``cv``.
 
@@ -135,12 +152,7 @@ class CostMonitor(gym.Wrapper):
     def _violated(self, cost: float, info: dict[str, Any]) -> bool:
         if self.violation_fn is not None:
             return bool(self.violation_fn(cost, info))
-        if self.violation_key is not None:
-            return float(info.get(self.violation_key, 0.0)) > 0.0
-        for key in DEFAULT_VIOLATION_KEYS:
-            if key in info:
-                return float(info[key]) > 0.0
-        return cost > self.violation_threshold
+        return step_violation(cost, info, self.violation_key, self.violation_threshold)
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
