@@ -115,3 +115,29 @@ def test_multi_agent_tasks_fail_clearly_without_robotics() -> None:
 
     with pytest.raises(compat.SafetyGymnasiumUnavailable, match="multi-agent"):
         safe_mujoco_multi.MultiAgentMujocoEnv("Ant", "2x4")
+
+
+_RENDER_ONE_FRAME = """
+import numpy as np
+from sb3_offtrc.compat import import_safety_gymnasium
+
+env = import_safety_gymnasium().make(
+    "SafetyPointGoal1-v0", render_mode="rgb_array", width=64, height=64, camera_name="fixedfar"
+)
+env.reset(seed=0)
+env.step(env.action_space.sample())
+frame = env.render()
+assert frame.shape == (64, 64, 3) and frame.std() > 0, (frame.shape, frame.std())
+"""
+
+
+@pytest.mark.safety
+@needs_safety
+def test_headless_rgb_array_rendering() -> None:
+    # A child process, because MUJOCO_GL is read once, when mujoco is first imported.
+    import ctypes.util
+
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no libEGL on this machine (apt-get install libegl1)")
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    subprocess.run([sys.executable, "-c", _RENDER_ONE_FRAME], check=True, env=env, timeout=120)

@@ -8,6 +8,7 @@ from sb3_offtrc.compat.safety_gymnasium import (
     SafetyGymnasiumUnavailable,
     import_safety_gymnasium,
     missing_safety_modules,
+    patch_marker_rendering,
     safety_gymnasium_available,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "SafetyGymnasiumUnavailable",
     "import_safety_gymnasium",
     "missing_safety_modules",
+    "patch_marker_rendering",
     "safety_gymnasium_available",
 ]

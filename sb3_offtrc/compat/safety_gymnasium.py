@@ -22,6 +22,16 @@ twice before any task is built:
    else believes ``gymnasium_robotics`` is installed.
 
 Both patches are scoped to the import of ``safety_gymnasium`` itself and undone when it finishes.
+
+3. Rendering (``render_mode="rgb_array"``) goes through gymnasium 0.29.1's
+   ``BaseRender._add_marker_to_scene``, which writes ``MjvGeom.texid``; MuJoCo 3.2 removed that
+   field (textures moved to materials), so every frame with a marker -- Safety-Gymnasium draws
+   lidar and goal markers on each one -- fails with ``AttributeError``. On such MuJoCo versions
+   :func:`patch_marker_rendering` replaces that one method by one that fills the geom with
+   ``mujoco.mjv_initGeom`` (public API, defaults matching MuJoCo's own) and then applies the
+   marker's fields as gymnasium does. This patch is global and stays: it only replaces a method
+   that cannot work on the installed MuJoCo. ``render_mode="human"`` (a window, never used
+   here) still reads ``MjData.solver_iter`` and is left unsupported on MuJoCo >= 3.2.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ __all__ = [
     "SafetyGymnasiumUnavailable",
     "import_safety_gymnasium",
     "missing_safety_modules",
+    "patch_marker_rendering",
     "safety_gymnasium_available",
 ]
 
@@ -161,6 +172,53 @@ def _robotics_stub_if_missing() -> Iterator[None]:
                 sys.modules[name] = saved
 
 
+def _add_marker_to_scene(self: Any, marker: dict[str, Any]) -> None:
+    import mujoco
+    import numpy as np
+
+    scene = self.scn
+    if scene.ngeom >= scene.maxgeom:
+        raise RuntimeError(f"Ran out of geoms. maxgeom: {scene.maxgeom}")
+    geom = scene.geoms[scene.ngeom]
+    mujoco.mjv_initGeom(
+        geom,
+        int(mujoco.mjtGeom.mjGEOM_BOX),
+        np.full(3, 0.1),
+        np.zeros(3),
+        np.eye(3).ravel(),
+        np.ones(4, dtype=np.float32),
+    )
+    geom.category = int(mujoco.mjtCatBit.mjCAT_DECOR)
+    # Same look as gymnasium 0.29.1's marker defaults.
+    geom.emission, geom.specular, geom.shininess, geom.reflectance = 0.0, 0.5, 0.5, 0.0
+    for key, value in marker.items():
+        if key == "label":
+            geom.label = "" if value is None else str(value)
+        elif isinstance(value, tuple | list | np.ndarray):
+            field = getattr(geom, key)
+            field[:] = np.asarray(value).reshape(field.shape)
+        elif hasattr(geom, key):
+            # enums such as mjtGeom are not ints on MuJoCo >= 3.2; the geom fields are
+            setattr(geom, key, value if isinstance(value, float) else int(value))
+        else:
+            raise ValueError(f"mjvGeom has no field {key!r}")
+    scene.ngeom += 1
+
+
+def patch_marker_rendering() -> bool:
+    """Make gymnasium 0.29.1's offscreen marker drawing work on MuJoCo >= 3.2 (see module doc).
+
+    :return: whether the patch was needed (and is now in place).
+    """
+    import mujoco
+    from gymnasium.envs.mujoco import mujoco_rendering
+
+    if hasattr(mujoco.MjvGeom, "texid"):
+        return False
+    mujoco_rendering.BaseRender._add_marker_to_scene = _add_marker_to_scene  # type: ignore[method-assign]
+    return True
+
+
 def import_safety_gymnasium() -> types.ModuleType:
     """Import and return the ``safety_gymnasium`` module, patched to load on Python 3.11.
 
@@ -181,6 +239,8 @@ def import_safety_gymnasium() -> types.ModuleType:
             return loaded
         with _array_defaults_allowed(), _robotics_stub_if_missing():
             try:
-                return importlib.import_module(_PACKAGE)
+                module = importlib.import_module(_PACKAGE)
             except ImportError as exc:
                 raise SafetyGymnasiumUnavailable(f"{_INSTALL_HINT} (import failed: {exc})") from exc
+        patch_marker_rendering()
+        return module
