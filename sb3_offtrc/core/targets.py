@@ -83,9 +83,7 @@ def offpolicy_targets(
     y_c, adv_c = _value_targets(costs, cost_values, next_cost_values)
 
     one_step_var = (
-        (costs + gamma * not_fail * next_cost_values) ** 2
-        - cost_values**2
-        + gamma**2 * not_fail * next_cost_vars
+        (costs + gamma * not_fail * next_cost_values) ** 2 - cost_values**2 + gamma**2 * not_fail * next_cost_vars
     )
     carry_var = gamma**2 * (1.0 - dones)
     eta = linear_recurrence_backward(trace * (one_step_var - cost_vars), trace * carry_var)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch as th
@@ -109,3 +110,20 @@ def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b
         return _skip(f"dual gave lambda = {lam}")
     nu = max(0.0, lam * c + r) / s
     return StepSolution(StepCase.CONSTRAINED, lam, nu, 0.0, "")
+
+
+def kl_hessian_vector_product(
+    kl: th.Tensor, params: list[th.nn.Parameter], damping: float
+) -> Callable[[th.Tensor], th.Tensor]:
+    """``v -> (H + damping I) v`` with ``H`` the Hessian of ``kl`` w.r.t. ``params`` (double backprop).
+
+    ``kl`` must still hold its graph; the gradient is built once and reused by every product.
+    """
+    grads = th.autograd.grad(kl, params, create_graph=True, retain_graph=True)
+    kl_grad = th.cat([grad.reshape(-1) for grad in grads])
+
+    def product(vector: th.Tensor) -> th.Tensor:
+        hvp = th.autograd.grad(th.dot(kl_grad, vector), params, retain_graph=True)
+        return th.cat([h.reshape(-1) for h in hvp]) + damping * vector
+
+    return product

@@ -1,0 +1,7 @@
+"""Layer 2: the OffTRC algorithm, its policy and its replay buffer."""
+
+from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
+from sb3_offtrc.offtrc.offtrc import OffTRC
+from sb3_offtrc.offtrc.policies import MlpPolicy, OffTRCPolicy
+
+__all__ = ["CostReplayBuffer", "MlpPolicy", "OffTRC", "OffTRCPolicy", "WindowBatch"]

@@ -1,0 +1,534 @@
+"""Off-Policy TRC as a Stable-Baselines3 ``OffPolicyAlgorithm`` (ALGORITHM.md §3).
+
+This module is wiring: it collects behaviour-aware transitions, asks the replay buffer for windows
+and calls the pure maths of :mod:`sb3_offtrc.core` for targets, surrogates and the step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from copy import deepcopy
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import safe_mean
+from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
+
+from sb3_offtrc.core import (
+    StepCase,
+    SurrogateConstants,
+    adaptive_trust_region,
+    cost_surrogates,
+    cvar_coefficient,
+    diag_gaussian_kl,
+    kl_hessian_vector_product,
+    offpolicy_targets,
+    reward_surrogate,
+    solve_constrained_step,
+)
+from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
+from sb3_offtrc.offtrc.policies import OffTRCPolicy, gaussian_entropy, gaussian_log_prob
+
+SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
+
+_MISSING_COST_HELP = (
+    "OffTRC reads the per-step cost from info[{key!r}], but env index {idx} returned info without it "
+    "(keys: {keys}). Fixes: build Safety-Gymnasium tasks with sb3_offtrc.envs.make_safety_env(...) (or "
+    "gym.make of an id registered by `import sb3_offtrc.envs`), wrap your own env so that step() puts the "
+    "cost into info, or pass cost_key='<your key>' if the cost is already there under another name."
+)
+
+
+class OffTRC(OffPolicyAlgorithm):
+    """Off-Policy Trust Region CVaR (Kim & Oh, RA-L 2022).
+
+    Maximises return subject to ``CVaR_alpha(cost return) <= cost_limit / (1 - gamma)`` with a
+    trust-region step computed from off-policy data. Every ``n_steps`` environment steps one update
+    takes the ``n_recent`` newest transitions plus older ones up to ``n_batch``, computes
+    Retrace-style targets for the reward value, the cost-return mean and its variance, takes one
+    constrained natural-gradient step on the policy and fits the three critics.
+
+    :param policy: The policy model to use (``"MlpPolicy"`` or an ``OffTRCPolicy`` subclass)
+    :param env: The environment to learn from (if registered in Gym, can be str); it must put the
+        per-step cost into ``info[cost_key]``
+    :param learning_rate: Critic learning rate (Adam); it can be a function of the remaining progress
+    :param n_steps: Environment steps between two updates, summed over all env copies (must be a
+        multiple of ``n_envs``)
+    :param n_recent: Newest transitions per update (all env copies), used for the cost constants
+    :param n_batch: Transitions per update: ``n_recent`` plus one random older window per env copy
+    :param buffer_size: Replay buffer size (all env copies)
+    :param gamma: Discount factor
+    :param gae_lambda: Trace-decay lambda of the off-policy targets
+    :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - gamma)``
+    :param cvar_alpha: CVaR level in (0, 1]; 1.0 gives an expected-cost constraint
+    :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
+    :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
+        batch and the current policy (§3.6). ``False`` uses ``max_kl`` as is.
+    :param damping: Damping added to the KL Hessian in the conjugate gradient
+    :param cg_max_steps: Conjugate-gradient iterations
+    :param line_search_decay: Step shrink factor of the backtracking line search
+    :param line_search_max_iter: Maximum backtracking tries; after that the policy is kept
+        unchanged and ``train/line_search_failed`` is 1
+    :param n_critic_epochs: Full-batch Adam steps per critic and update
+    :param max_grad_norm: Gradient-norm clip of each critic step
+    :param cost_key: Key of the per-step cost in the env's ``info``
+    :param learning_starts: Steps to collect before the first update. Unlike SAC, OffTRC always acts
+        with its Gaussian policy (uniform warm-up actions have no behaviour density to record).
+    :param replay_buffer_kwargs: Keyword arguments of the ``CostReplayBuffer``
+    :param stats_window_size: Window of the rollout logging averages
+    :param tensorboard_log: The log location for tensorboard (if None, no logging)
+    :param policy_kwargs: Additional arguments for the policy on creation
+    :param verbose: Verbosity level: 0 no output, 1 info messages, 2 debug messages
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": OffTRCPolicy}
+    policy: OffTRCPolicy
+    replay_buffer: CostReplayBuffer  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: str | type[OffTRCPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 1000,
+        n_recent: int = 1000,
+        n_batch: int = 5000,
+        buffer_size: int = 50_000,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.97,
+        cost_limit: float = 0.025,
+        cvar_alpha: float = 0.125,
+        max_kl: float = 0.001,
+        adaptive_trust_region: bool = True,
+        damping: float = 0.01,
+        cg_max_steps: int = 10,
+        line_search_decay: float = 0.8,
+        line_search_max_iter: int = 15,
+        n_critic_epochs: int = 100,
+        max_grad_norm: float = 1.0,
+        cost_key: str = "cost",
+        learning_starts: int = 0,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            buffer_size=buffer_size,
+            learning_starts=learning_starts,
+            batch_size=n_batch,
+            gamma=gamma,
+            train_freq=1,  # replaced below once n_envs is known
+            gradient_steps=1,
+            replay_buffer_class=CostReplayBuffer,
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            support_multi_env=True,
+            seed=seed,
+            sde_support=False,
+            supported_action_spaces=None,  # checked below with a clearer message
+        )
+        if self.action_space is not None and not isinstance(self.action_space, spaces.Box):
+            raise ValueError(
+                f"OffTRC needs a continuous (Box) action space, got {self.action_space}. Its policy is a "
+                "Gaussian whose density must be recorded for every transition; for discrete actions use "
+                "e.g. PPO/PPOLagrangian, or wrap the env with a continuous parametrisation of the actions."
+            )
+        if self.observation_space is not None and isinstance(self.observation_space, spaces.Dict):
+            raise ValueError("OffTRC supports Box observations; flatten Dict observations with FlattenObservation")
+        self.n_steps = n_steps  # OffPolicyAlgorithm's n-step returns are not used (n_steps=1 there)
+        self.n_recent = n_recent
+        self.n_batch = n_batch
+        self.gae_lambda = gae_lambda
+        self.cost_limit = cost_limit
+        self.cvar_alpha = cvar_alpha
+        self.max_kl = max_kl
+        self.adaptive_trust_region = adaptive_trust_region
+        self.damping = damping
+        self.cg_max_steps = cg_max_steps
+        self.line_search_decay = line_search_decay
+        self.line_search_max_iter = line_search_max_iter
+        self.n_critic_epochs = n_critic_epochs
+        self.max_grad_norm = max_grad_norm
+        self.cost_key = cost_key
+        self._check_hyperparameters()
+        self.ep_cost_buffer: deque[float] = deque(maxlen=stats_window_size)
+        self._episode_costs: np.ndarray | None = None
+        self._behaviour: tuple[np.ndarray, np.ndarray] | None = None
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------------------------ setup
+    def _check_hyperparameters(self) -> None:
+        k_alpha = cvar_coefficient(self.cvar_alpha)  # validates alpha
+        del k_alpha
+        for name in ("n_steps", "n_recent", "n_batch"):
+            value = getattr(self, name)
+            if value <= 0 or value % self.n_envs != 0:
+                raise ValueError(
+                    f"{name}={value} must be a positive multiple of the number of env copies ({self.n_envs}): "
+                    f"it counts transitions over all copies, e.g. {name}={max(1, value // self.n_envs) * self.n_envs}"
+                )
+        if self.n_recent > self.n_batch:
+            raise ValueError(f"n_recent={self.n_recent} cannot exceed n_batch={self.n_batch}")
+        if self.n_batch > self.buffer_size:
+            raise ValueError(f"n_batch={self.n_batch} cannot exceed buffer_size={self.buffer_size}")
+        if not 0.0 < self.gamma < 1.0:
+            raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gae_lambda must lie in [0, 1], got {self.gae_lambda}")
+        if self.cost_limit < 0:
+            raise ValueError(f"cost_limit is a per-step cost limit d >= 0, got {self.cost_limit}")
+        if self.max_kl <= 0:
+            raise ValueError(f"max_kl must be positive, got {self.max_kl}")
+        if not 0.0 < self.line_search_decay < 1.0 or self.line_search_max_iter < 1:
+            raise ValueError("line_search_decay must lie in (0, 1) and line_search_max_iter must be >= 1")
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        if self.replay_buffer is None:
+            self.replay_buffer = CostReplayBuffer(
+                self.buffer_size,
+                self.observation_space,
+                self.action_space,
+                device=self.device,
+                n_envs=self.n_envs,
+                **self.replay_buffer_kwargs,
+            )
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        )
+        self.policy = self.policy.to(self.device)
+        self.train_freq = (self.n_steps // self.n_envs, "step")
+        self._convert_train_freq()
+
+    @property
+    def episode_cost_limit(self) -> float:
+        """The CVaR limit ``D = d / (1 - gamma)`` on the discounted cost return."""
+        return self.cost_limit / (1.0 - self.gamma)
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, Any]:
+        env_will_reset = reset_num_timesteps or self._last_obs is None
+        if env_will_reset and self.replay_buffer is not None:
+            # The stored trajectories stop here; without a cut the targets would run into the next episode.
+            self.replay_buffer.mark_last_as_truncated()
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if reset_num_timesteps:
+            self.ep_cost_buffer = deque(maxlen=self._stats_window_size)
+        if env_will_reset or self._episode_costs is None:
+            self._episode_costs = np.zeros(self.n_envs)
+        return result
+
+    def learn(
+        self: SelfOffTRC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "OffTRC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfOffTRC:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    # ------------------------------------------------------------------------- data collection
+    def _sample_action(
+        self,
+        learning_starts: int,
+        action_noise: ActionNoise | None = None,
+        n_envs: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # SB3's default goes through predict(), which clips the sample and forgets the distribution;
+        # the targets need the unclipped sample and the behaviour mean/std (SB3_NOTES.md).
+        assert self._last_obs is not None, "self._last_obs was not set"
+        with th.no_grad():
+            obs_tensor, _ = self.policy.obs_to_tensor(self._last_obs)
+            assert isinstance(obs_tensor, th.Tensor)
+            mean, std = self.policy.distribution(obs_tensor)
+            sample = mean + std * th.randn_like(mean)
+        sample_np = sample.cpu().numpy().reshape(n_envs, -1)
+        self._behaviour = (mean.cpu().numpy().reshape(n_envs, -1), std.cpu().numpy().reshape(n_envs, -1))
+        env_action = self.policy.unscale_action(np.clip(sample_np, -1.0, 1.0))
+        return env_action, sample_np
+
+    def _read_costs(self, infos: list[dict[str, Any]]) -> np.ndarray:
+        costs = np.zeros(len(infos))
+        for idx, info in enumerate(infos):
+            if self.cost_key not in info:
+                raise KeyError(_MISSING_COST_HELP.format(key=self.cost_key, idx=idx, keys=sorted(info)))
+            costs[idx] = float(info[self.cost_key])
+        return costs
+
+    def _check_finite(self, name: str, values: np.ndarray) -> None:
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            idx = int(bad[0])
+            raise ValueError(
+                f"Non-finite {name} {values[idx]} at env step {self.num_timesteps} from env index {idx}; "
+                f"OffTRC cannot learn from NaN/inf {name}s — check the environment (or its {name} wrapper)."
+            )
+
+    def _store_transition(
+        self,
+        replay_buffer: ReplayBuffer,
+        buffer_action: np.ndarray,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        assert isinstance(replay_buffer, CostReplayBuffer)
+        assert self._behaviour is not None
+        costs = self._read_costs(infos)
+        if self._vec_normalize_env is not None:
+            new_obs_ = self._vec_normalize_env.get_original_obs()
+            reward_ = self._vec_normalize_env.get_original_reward()
+        else:
+            self._last_original_obs, new_obs_, reward_ = self._last_obs, new_obs, reward
+        self._check_finite("reward", np.asarray(reward_, dtype=np.float64))
+        self._check_finite("cost", costs)
+
+        next_obs = deepcopy(new_obs_)
+        assert isinstance(next_obs, np.ndarray)
+        for i, done in enumerate(dones):
+            terminal = infos[i].get("terminal_observation")
+            if done and terminal is not None:
+                # the VecEnv already reset: the true s' of the last transition is in the info
+                next_obs[i] = terminal
+                if self._vec_normalize_env is not None:
+                    next_obs[i] = self._vec_normalize_env.unnormalize_obs(next_obs[i, :])
+
+        replay_buffer.add(
+            self._last_original_obs,  # type: ignore[arg-type]
+            next_obs,
+            buffer_action,
+            reward_,
+            dones,
+            infos,
+            cost=costs,
+            behaviour_mean=self._behaviour[0],
+            behaviour_std=self._behaviour[1],
+        )
+        self._last_obs = new_obs  # type: ignore[assignment]
+        if self._vec_normalize_env is not None:
+            self._last_original_obs = new_obs_
+
+        assert self._episode_costs is not None
+        self._episode_costs += costs
+        for i, done in enumerate(dones):
+            if done:
+                self.ep_cost_buffer.append(float(self._episode_costs[i]))
+                self._episode_costs[i] = 0.0
+
+    def dump_logs(self) -> None:
+        if len(self.ep_cost_buffer) > 0:
+            self.logger.record("rollout/ep_cost_mean", safe_mean(list(self.ep_cost_buffer)))
+        super().dump_logs()
+
+    # ------------------------------------------------------------------------------------ update
+    def train(self, gradient_steps: int, batch_size: int = 0) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.critic_optimizers)
+        n_envs = self.n_envs
+        for _ in range(gradient_steps):
+            batch = self.replay_buffer.sample_windows(
+                self.n_recent // n_envs, (self.n_batch - self.n_recent) // n_envs, env=self._vec_normalize_env
+            )
+            self._update(batch)
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _update(self, batch: WindowBatch) -> None:
+        policy = self.policy
+        gamma = self.gamma
+        obs, actions = batch.observations, batch.actions
+        n = obs.shape[0]
+
+        with th.no_grad():
+            mean_k, std_k = policy.distribution(obs)
+            log_pi_k = gaussian_log_prob(actions, mean_k, std_k)
+            log_mu = gaussian_log_prob(actions, batch.behaviour_mean, batch.behaviour_std)
+            rho = th.clamp(th.exp(log_pi_k - log_mu), max=1.0)  # truncated importance weight (§3.2)
+            v_r, v_c, s_c = policy.values(th.cat([obs, batch.next_observations]))  # V(s) and V(s') in one pass
+            var_c = s_c**2
+            targets = offpolicy_targets(
+                batch.rewards, batch.costs, batch.cuts, batch.fails, rho,
+                v_r[:n], v_r[n:], v_c[:n], v_c[n:], var_c[:n], var_c[n:], gamma, self.gae_lambda,
+            )  # fmt: skip
+            recent = batch.recent.bool()
+            cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma)  # J_hat (§3.4)
+            cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
+            kappa = float(diag_gaussian_kl(batch.behaviour_mean, batch.behaviour_std, mean_k, std_k).mean())
+
+        self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
+        self._fit_critics(obs, targets.reward_target, targets.cost_target, th.sqrt(th.clamp(targets.var_target, 0.0)))
+
+    def _policy_step(
+        self,
+        batch: WindowBatch,
+        targets: Any,
+        rho: th.Tensor,
+        mean_k: th.Tensor,
+        std_k: th.Tensor,
+        log_pi_k: th.Tensor,
+        cost_mean: float,
+        cost_var: float,
+        kappa: float,
+    ) -> None:
+        policy = self.policy
+        obs, actions = batch.observations, batch.actions
+        params = [p for p in policy.actor.parameters() if p.requires_grad]
+        k_alpha = cvar_coefficient(self.cvar_alpha)
+        constants = SurrogateConstants(cost_mean, cost_var, self.gamma, k_alpha)
+        eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
+        limit = self.episode_cost_limit
+
+        def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+            mean, std = policy.distribution(obs)
+            ratio = th.exp(gaussian_log_prob(actions, mean, std) - log_pi_k)
+            objective = reward_surrogate(ratio, targets.reward_advantage, rho)
+            cvar = cost_surrogates(ratio, targets.cost_advantage, targets.var_advantage, rho, constants).cvar
+            return objective, cvar, mean, std
+
+        objective, cvar, mean, std = surrogates()
+        cvar_k = cvar.item()  # = J_hat + k sqrt(V_hat): the surrogate's corrections vanish at theta_k
+        margin = cvar_k - limit  # c (§3.7)
+        g = flat_grad(objective, params, retain_graph=True)
+        b = flat_grad(cvar, params, retain_graph=True)
+        kl = diag_gaussian_kl(mean_k, std_k, mean, std).mean()
+        hessian_vector_product = kl_hessian_vector_product(kl, params, self.damping)
+
+        hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
+        hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
+        q, r, s = float(th.dot(g, hinv_g)), float(th.dot(g, hinv_b)), float(th.dot(b, hinv_b))
+        solution = solve_constrained_step(q, r, s, margin, eps, float(th.dot(b, b)))
+
+        self.logger.record("train/cvar", cvar_k)
+        self.logger.record("train/cost_mean", cost_mean)
+        self.logger.record("train/cost_std", math.sqrt(cost_var))
+        self.logger.record("train/constraint_margin", margin)
+        self.logger.record("train/behaviour_kl", kappa)
+        self.logger.record("train/trust_region", eps)
+        self.logger.record("train/step_case", solution.case.name.lower())
+        self.logger.record("train/step_case_id", int(solution.case))
+
+        ls_steps, ls_failed, kl_new, objective_new = 0, False, 0.0, 0.0
+        if solution.case == StepCase.SKIPPED:
+            warnings.warn(f"OffTRC update {self._n_updates}: policy step skipped: {solution.reason}", stacklevel=2)
+            self.logger.record("train/skip_reason", solution.reason, exclude="tensorboard")
+        else:
+            if solution.case == StepCase.RECOVERY:
+                step = -solution.recovery_scale * hinv_b
+            else:
+                step = (hinv_g - solution.nu * hinv_b) / solution.lam
+            ls_steps, ls_failed, kl_new, objective_new = self._line_search(
+                params, step, surrogates, mean_k, std_k, objective.item(), cvar_k, margin, eps,
+                check_objective=solution.case != StepCase.RECOVERY,
+            )  # fmt: skip
+
+        with th.no_grad():
+            _, std_after = policy.distribution(obs)
+            entropy = float(gaussian_entropy(std_after).mean())
+        self.logger.record("train/objective", objective_new)
+        self.logger.record("train/kl", kl_new)
+        self.logger.record("train/line_search_steps", ls_steps)
+        self.logger.record("train/line_search_failed", int(ls_failed))
+        self.logger.record("train/entropy", entropy)
+
+    def _line_search(
+        self,
+        params: list[th.nn.Parameter],
+        step: th.Tensor,
+        surrogates: Any,
+        mean_k: th.Tensor,
+        std_k: th.Tensor,
+        objective_k: float,
+        cvar_k: float,
+        margin: float,
+        eps: float,
+        check_objective: bool,
+    ) -> tuple[int, bool, float, float]:
+        """Bounded backtracking (§3.8). Returns (tries, failed, kl, objective); restores theta_k on failure."""
+        theta_k = parameters_to_vector(params).detach().clone()
+        with th.no_grad():
+            for attempt in range(self.line_search_max_iter):
+                beta = self.line_search_decay**attempt
+                vector_to_parameters(theta_k + beta * step, params)
+                objective, cvar, mean, std = surrogates()
+                kl = float(diag_gaussian_kl(mean_k, std_k, mean, std).mean())
+                ok = (
+                    math.isfinite(kl)
+                    and kl <= eps
+                    and (not check_objective or float(objective) >= objective_k)
+                    and float(cvar) - cvar_k <= max(-margin, 0.0)
+                )
+                if ok:
+                    return attempt + 1, False, kl, float(objective)
+            vector_to_parameters(theta_k, params)
+        return self.line_search_max_iter, True, 0.0, objective_k
+
+    def _fit_critics(
+        self, obs: th.Tensor, reward_target: th.Tensor, cost_target: th.Tensor, std_target: th.Tensor
+    ) -> None:
+        policy = self.policy
+        with th.no_grad():
+            features = policy.features(obs)
+        jobs = [
+            ("reward_critic_loss", policy.reward_critic, policy.reward_optimizer, reward_target),
+            ("cost_critic_loss", policy.cost_critic, policy.cost_optimizer, cost_target),
+            ("cost_std_critic_loss", policy.cost_std_critic, policy.cost_std_optimizer, std_target),
+        ]
+        for name, critic, optimizer, target in jobs:
+            loss = th.zeros(())
+            for _ in range(self.n_critic_epochs):
+                loss = 0.5 * th.mean((critic(features) - target) ** 2)
+                optimizer.zero_grad()
+                loss.backward()
+                clip_grad_norm_(critic.parameters(), self.max_grad_norm)
+                optimizer.step()
+            self.logger.record(f"train/{name}", loss.item())
+
+    # ------------------------------------------------------------------------------ persistence
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_behaviour"]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"], []

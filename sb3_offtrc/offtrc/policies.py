@@ -1,0 +1,197 @@
+"""OffTRC policy: a squashed-mean Gaussian actor and the three state-value critics (ALGORITHM.md §2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, create_mlp
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+# The authors initialise log-std at -1 for actions in [0, 1]; our policy acts in [-1, 1], where the
+# same spread is twice as wide: -1 + ln 2.
+DEFAULT_LOG_STD_INIT = -1.0 + math.log(2.0)
+
+
+class GaussianActor(nn.Module):
+    """Diagonal Gaussian with a tanh-squashed mean and a state-dependent, clamped log-std head."""
+
+    def __init__(
+        self,
+        features_dim: int,
+        action_dim: int,
+        net_arch: list[int],
+        activation_fn: type[nn.Module],
+        log_std_init: float,
+        log_std_bounds: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
+        last = net_arch[-1] if net_arch else features_dim
+        self.mean_head = nn.Linear(last, action_dim)
+        self.log_std_head = nn.Linear(last, action_dim)
+        self.log_std_bounds = log_std_bounds
+        nn.init.orthogonal_(self.mean_head.weight, gain=0.01)
+        nn.init.zeros_(self.mean_head.bias)
+        nn.init.orthogonal_(self.log_std_head.weight, gain=0.01)
+        nn.init.constant_(self.log_std_head.bias, log_std_init)
+
+    def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """Mean in [-1, 1] and std, each shaped ``(batch, action_dim)``."""
+        hidden = self.body(features)
+        mean = th.tanh(self.mean_head(hidden))
+        log_std = th.clamp(self.log_std_head(hidden), *self.log_std_bounds)
+        return mean, log_std.exp()
+
+
+def gaussian_log_prob(actions: th.Tensor, mean: th.Tensor, std: th.Tensor) -> th.Tensor:
+    """Log-density of a diagonal Gaussian at (unclipped) ``actions``, summed over action dims."""
+    z = (actions - mean) / std
+    return th.sum(-0.5 * z * z - th.log(std) - 0.5 * math.log(2.0 * math.pi), dim=-1)
+
+
+def gaussian_entropy(std: th.Tensor) -> th.Tensor:
+    return th.sum(th.log(std) + 0.5 * math.log(2.0 * math.pi * math.e), dim=-1)
+
+
+class ValueCritic(nn.Module):
+    """State-value MLP ``V(s)``; ``positive=True`` puts a softplus on the output (the cost-std critic)."""
+
+    def __init__(self, features_dim: int, net_arch: list[int], activation_fn: type[nn.Module], positive: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*create_mlp(features_dim, 1, net_arch, activation_fn))
+        self.positive = positive
+
+    def forward(self, features: th.Tensor) -> th.Tensor:
+        out = self.net(features).squeeze(-1)
+        return nn.functional.softplus(out) if self.positive else out
+
+
+class OffTRCPolicy(BasePolicy):
+    """Actor and distributional cost critic of Off-Policy TRC.
+
+    :param observation_space: Observation space (``Box``)
+    :param action_space: Action space (``Box``; the policy acts in [-1, 1] and SB3 rescales)
+    :param lr_schedule: Learning-rate schedule of the three critic optimisers
+    :param net_arch: Hidden layers, either a list shared by actor and critics or
+        ``dict(pi=[...], vf=[...])``. Default ``[512, 512]`` (the authors').
+    :param activation_fn: Activation function (default ReLU, the authors')
+    :param log_std_init: Initial log-std in [-1, 1] action units (default ``-1 + ln 2``, i.e. the
+        authors' -1 in [0, 1] units)
+    :param log_std_bounds: Clamp of the log-std head in [0, 1] units shifted to [-1, 1] units
+    :param features_extractor_class: Features extractor (default flatten)
+    :param features_extractor_kwargs: Its keyword arguments
+    :param normalize_images: Whether to divide image observations by 255
+    :param optimizer_class: Critic optimiser class (default Adam)
+    :param optimizer_kwargs: Critic optimiser keyword arguments
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        log_std_init: float = DEFAULT_LOG_STD_INIT,
+        log_std_bounds: tuple[float, float] = (-4.0 + math.log(2.0), 2.0 + math.log(2.0)),
+        features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor_class,
+            features_extractor_kwargs,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=True,  # actions live in [-1, 1]; predict() rescales them to [low, high]
+            normalize_images=normalize_images,
+        )
+        if net_arch is None:
+            net_arch = [512, 512]
+        if isinstance(net_arch, dict):
+            actor_arch, critic_arch = list(net_arch["pi"]), list(net_arch["vf"])
+        else:
+            actor_arch, critic_arch = list(net_arch), list(net_arch)
+        self.net_arch = net_arch
+        self.activation_fn = activation_fn
+        self.log_std_init = log_std_init
+        self.log_std_bounds = tuple(log_std_bounds)
+
+        self.features_extractor = self.make_features_extractor()
+        features_dim = self.features_extractor.features_dim
+        action_dim = int(spaces.flatdim(action_space))
+        self.actor = GaussianActor(features_dim, action_dim, actor_arch, activation_fn, log_std_init, log_std_bounds)
+        self.reward_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
+        self.cost_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
+        self.cost_std_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=True)
+
+        # One optimiser per critic over its own parameters (the authors' torch port gives the
+        # std critic's optimiser the mean critic's parameters; ALGORITHM.md §3.9).
+        lr = lr_schedule(1)
+        self.reward_optimizer = optimizer_class(  # type: ignore[call-arg]
+            self.reward_critic.parameters(), lr=lr, **self.optimizer_kwargs
+        )
+        self.cost_optimizer = optimizer_class(  # type: ignore[call-arg]
+            self.cost_critic.parameters(), lr=lr, **self.optimizer_kwargs
+        )
+        self.cost_std_optimizer = optimizer_class(  # type: ignore[call-arg]
+            self.cost_std_critic.parameters(), lr=lr, **self.optimizer_kwargs
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            net_arch=self.net_arch,
+            activation_fn=self.activation_fn,
+            log_std_init=self.log_std_init,
+            log_std_bounds=self.log_std_bounds,
+            features_extractor_class=self.features_extractor_class,
+            features_extractor_kwargs=self.features_extractor_kwargs,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+            lr_schedule=self._dummy_schedule,
+        )
+        return data
+
+    @staticmethod
+    def _dummy_schedule(_progress: float) -> float:
+        return 0.0
+
+    @property
+    def critic_optimizers(self) -> list[th.optim.Optimizer]:
+        return [self.reward_optimizer, self.cost_optimizer, self.cost_std_optimizer]
+
+    def features(self, obs: th.Tensor) -> th.Tensor:
+        return self.extract_features(obs, self.features_extractor)
+
+    def distribution(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """Mean and std of ``pi(.|obs)`` in [-1, 1] action units (obs already preprocessed as a tensor)."""
+        return self.actor(self.features(obs))
+
+    def values(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``V_R(s)``, ``V_C(s)`` and ``S_C(s)`` (the cost-return std)."""
+        feats = self.features(obs)
+        return self.reward_critic(feats), self.cost_critic(feats), self.cost_std_critic(feats)
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        return self._predict(obs, deterministic=deterministic)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        assert isinstance(observation, th.Tensor)
+        mean, std = self.distribution(observation)
+        if deterministic:
+            return mean
+        # The env sees the clipped sample; the buffer keeps the unclipped one (OffTRC._sample_action).
+        return th.clamp(mean + std * th.randn_like(mean), -1.0, 1.0)
+
+
+MlpPolicy = OffTRCPolicy
