@@ -1,0 +1,329 @@
+"""Layer-2 wiring of OffTRC: buffer windows, SB3 behaviour (save/load, VecEnvs, VecNormalize,
+continued learning, seeding, logging) and clear errors on bad input."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
+
+from sb3_offtrc import OffTRC
+from sb3_offtrc.core import diag_gaussian_kl, kl_hessian_vector_product
+from sb3_offtrc.offtrc import CostReplayBuffer
+from sb3_offtrc.offtrc import offtrc as offtrc_module
+
+SMALL: dict[str, Any] = dict(
+    n_steps=100,
+    n_recent=100,
+    n_batch=300,
+    buffer_size=1000,
+    n_critic_epochs=3,
+    policy_kwargs=dict(net_arch=[16, 16]),
+)
+
+
+class CostPendulum(gym.Wrapper):
+    """Pendulum with a known cost: 1 while the angle is beyond 0.5 rad (``cos < cos(0.5)``)."""
+
+    def __init__(self, cost_value: float | None = None, reward_value: float | None = None) -> None:
+        super().__init__(gym.make("Pendulum-v1", max_episode_steps=50))
+        self.cost_value, self.reward_value = cost_value, reward_value
+
+    def step(self, action: np.ndarray) -> Any:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["cost"] = float(obs[0] < math.cos(0.5)) if self.cost_value is None else self.cost_value
+        if self.reward_value is not None:
+            reward = self.reward_value
+        return obs, reward, terminated, truncated, info
+
+
+class NoCost(gym.Wrapper):
+    def __init__(self) -> None:
+        super().__init__(gym.make("Pendulum-v1", max_episode_steps=50))
+
+
+def _model(env: Any = None, **kwargs: Any) -> OffTRC:
+    params = {**SMALL, **kwargs}
+    return OffTRC("MlpPolicy", env if env is not None else CostPendulum(), seed=0, **params)
+
+
+# ----------------------------------------------------------------------------------- buffer
+def _filled_buffer(n_rows: int, buffer_size: int, n_envs: int, done_every: int = 0) -> CostReplayBuffer:
+    obs_space = spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    act_space = spaces.Box(-1, 1, (1,), np.float32)
+    buf = CostReplayBuffer(buffer_size * n_envs, obs_space, act_space, device="cpu", n_envs=n_envs)
+    for t in range(n_rows):
+        stamp = np.array([[t * 10 + e] for e in range(n_envs)], dtype=np.float32)  # time and env in the obs
+        done = np.array([done_every > 0 and (t + 1) % done_every == 0] * n_envs)
+        infos = [{"TimeLimit.truncated": bool(done[0]) and t % 2 == 0} for _ in range(n_envs)]
+        buf.add(stamp, stamp + 1, stamp, stamp[:, 0], done, infos,
+                cost=stamp[:, 0] / 100, behaviour_mean=stamp * 0, behaviour_std=stamp * 0 + 1)  # fmt: skip
+    return buf
+
+
+@pytest.mark.parametrize("n_rows, buffer_size", [(50, 100), (250, 100), (100, 100)])
+@pytest.mark.parametrize("n_envs", [1, 3])
+def test_windows_are_contiguous_recent_and_older(n_rows: int, buffer_size: int, n_envs: int) -> None:
+    np.random.seed(0)
+    buf = _filled_buffer(n_rows, buffer_size, n_envs)
+    stored = min(n_rows, buffer_size)
+    first_time = n_rows - stored  # oldest time step still in the buffer
+    recent_len, old_len = 10, 25
+    for _ in range(20):
+        batch = buf.sample_windows(recent_len, old_len)
+        stamps = batch.observations[:, 0].numpy().astype(int)
+        times, envs = stamps // 10, stamps % 10
+        per_env = len(stamps) // n_envs
+        assert per_env == recent_len + old_len
+        for e in range(n_envs):
+            t_env = times[e * per_env : (e + 1) * per_env]
+            assert (envs[e * per_env : (e + 1) * per_env] == e).all()
+            recent, old = t_env[:recent_len], t_env[recent_len:]
+            np.testing.assert_array_equal(recent, np.arange(n_rows - recent_len, n_rows))
+            np.testing.assert_array_equal(np.diff(old), 1)  # contiguous in time, across the wrap-around
+            assert old[0] >= first_time and old[-1] < n_rows - recent_len  # older than the recent window
+        cuts = batch.cuts.numpy().reshape(n_envs, per_env)
+        assert (cuts[:, recent_len - 1] == 1).all() and (cuts[:, -1] == 1).all()
+        assert batch.recent.numpy().reshape(n_envs, per_env)[:, :recent_len].all()
+        assert batch.n_recent_rows == recent_len
+        np.testing.assert_allclose(batch.costs.numpy(), stamps / 100, rtol=1e-6)
+
+
+def test_windows_shrink_while_buffer_is_short_and_cut_at_dones() -> None:
+    buf = _filled_buffer(30, 100, 1, done_every=7)
+    batch = buf.sample_windows(20, 50)
+    times = batch.observations[:, 0].numpy().astype(int) // 10
+    np.testing.assert_array_equal(times, np.r_[np.arange(10, 30), np.arange(0, 10)])
+    cuts = batch.cuts.numpy()
+    fails = batch.fails.numpy()
+    for i, t in enumerate(times):
+        episode_end = (t + 1) % 7 == 0
+        assert cuts[i] == float(episode_end or i in (19, 29))
+        assert fails[i] == float(episode_end and t % 2 == 1)  # even steps were time-outs
+    with pytest.raises(ValueError, match="behaviour"):
+        buf.add(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), np.zeros(1), [{}])
+
+
+# ------------------------------------------------------------------------- KL / Hessian
+def test_kl_hessian_vector_product_matches_finite_differences() -> None:
+    th.manual_seed(0)
+    net = th.nn.Sequential(th.nn.Linear(3, 8), th.nn.Tanh(), th.nn.Linear(8, 4)).double()
+    obs = th.randn(50, 3, dtype=th.float64)
+    params = list(net.parameters())
+
+    def dist() -> tuple[th.Tensor, th.Tensor]:
+        out = net(obs)
+        return out[:, :2], out[:, 2:].exp()
+
+    with th.no_grad():
+        mean_k, std_k = dist()
+        mean_k, std_k = mean_k + 0.1, std_k * 1.2  # evaluate away from the minimum so H v is non-trivial
+    mean, std = dist()
+    product = kl_hessian_vector_product(diag_gaussian_kl(mean_k, std_k, mean, std).mean(), params, damping=0.0)
+    vec = th.randn(sum(p.numel() for p in params), dtype=th.float64)
+
+    def grad_at(theta: th.Tensor) -> th.Tensor:
+        th.nn.utils.vector_to_parameters(theta, params)
+        m, s = dist()
+        grads = th.autograd.grad(diag_gaussian_kl(mean_k, std_k, m, s).mean(), params)
+        return th.cat([g.reshape(-1) for g in grads])
+
+    theta0 = th.nn.utils.parameters_to_vector(params).detach().clone()
+    h = 1e-5
+    fd = (grad_at(theta0 + h * vec) - grad_at(theta0 - h * vec)) / (2 * h)
+    th.nn.utils.vector_to_parameters(theta0, params)
+    np.testing.assert_allclose(product(vec).detach().numpy(), fd.numpy(), rtol=1e-5, atol=1e-8)
+    damped = kl_hessian_vector_product(diag_gaussian_kl(mean_k, std_k, *dist()).mean(), params, damping=0.5)
+    np.testing.assert_allclose((damped(vec) - product(vec)).detach().numpy(), 0.5 * vec.numpy(), atol=1e-10)
+
+
+# ------------------------------------------------------------------------ SB3 behaviour
+def test_learn_logs_every_documented_key(tmp_path: Any) -> None:
+    model = _model()
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(300, log_interval=1)
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "progress.csv")
+    expected = [
+        "train/objective", "train/cvar", "train/cost_mean", "train/cost_std", "train/constraint_margin",
+        "train/step_case", "train/kl", "train/trust_region", "train/line_search_steps",
+        "train/line_search_failed", "train/reward_critic_loss", "train/cost_critic_loss",
+        "train/cost_std_critic_loss", "train/entropy", "rollout/ep_cost_mean", "rollout/ep_rew_mean",
+    ]  # fmt: skip
+    missing = [key for key in expected if key not in frame.columns]
+    assert not missing
+    last = frame.dropna(subset=["train/cvar"]).iloc[-1]
+    assert last["train/step_case"] in {"feasible", "constrained", "recovery", "skipped"}
+    assert last["train/trust_region"] <= model.max_kl
+    # the margin is F(pi_k) - D with D = d / (1 - gamma)
+    assert last["train/constraint_margin"] == pytest.approx(last["train/cvar"] - model.cost_limit / 0.01, rel=1e-4)
+    assert model._n_updates == 3
+
+
+def test_episode_cost_is_logged_from_info() -> None:
+    model = _model(CostPendulum(cost_value=0.5))
+    model.learn(200)
+    assert list(model.ep_cost_buffer) == pytest.approx([25.0] * 4)  # 50 steps x 0.5
+
+
+def test_buffer_keeps_unclipped_actions_and_behaviour() -> None:
+    model = _model(policy_kwargs=dict(net_arch=[16, 16], log_std_init=1.0))  # wide: many samples beyond [-1, 1]
+    model.learn(100)
+    buf = model.replay_buffer
+    actions = buf.actions[: buf.pos, 0, 0]
+    assert np.abs(actions).max() > 1.0  # unclipped samples are stored
+    z = (actions - buf.behaviour_mean[: buf.pos, 0, 0]) / buf.behaviour_std[: buf.pos, 0, 0]
+    assert abs(z.mean()) < 0.3 and abs(z.std() - 1.0) < 0.2  # recorded mean/std are those that drew them
+
+
+def test_save_load_round_trip(tmp_path: Any) -> None:
+    model = _model()
+    model.learn(200)
+    obs = np.stack([model.env.observation_space.sample() for _ in range(8)])
+    before = model.predict(obs, deterministic=True)[0]
+    model.save(tmp_path / "m.zip")
+    model.save_replay_buffer(tmp_path / "buf.pkl")
+    loaded = OffTRC.load(tmp_path / "m.zip", env=CostPendulum())
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], before)
+    assert loaded.num_timesteps == 200 and loaded._n_updates == model._n_updates
+    for name in ("reward_optimizer", "cost_optimizer", "cost_std_optimizer"):
+        a = getattr(model.policy, name).state_dict()["state"]
+        b = getattr(loaded.policy, name).state_dict()["state"]
+        assert a and set(a) == set(b)
+        for key in a:
+            th.testing.assert_close(a[key]["exp_avg"], b[key]["exp_avg"])
+    # each optimiser steps its own critic (the authors' torch port mixed these up)
+    for critic, opt in zip(
+        (loaded.policy.reward_critic, loaded.policy.cost_critic, loaded.policy.cost_std_critic),
+        loaded.policy.critic_optimizers,
+        strict=True,
+    ):
+        assert {id(p) for p in critic.parameters()} == {id(p) for g in opt.param_groups for p in g["params"]}
+    loaded.load_replay_buffer(tmp_path / "buf.pkl")
+    assert isinstance(loaded.replay_buffer, CostReplayBuffer)
+    np.testing.assert_array_equal(loaded.replay_buffer.costs, model.replay_buffer.costs)
+    np.testing.assert_array_equal(loaded.replay_buffer.behaviour_std, model.replay_buffer.behaviour_std)
+    loaded.learn(100, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 300
+
+
+def test_continued_learning_cuts_the_stored_trajectory() -> None:
+    model = _model(n_steps=30, n_recent=30)  # episodes last 50 steps: learn(30) stops mid-episode
+    model.learn(30)
+    assert model.replay_buffer.pos == 30 and model.replay_buffer.dones[29, 0] == 0.0
+    model.learn(30, reset_num_timesteps=False)
+    assert model.num_timesteps == 60
+    assert model.replay_buffer.dones[29, 0] == 0.0  # the env was not reset: the trajectory continues
+    assert model.replay_buffer.dones[49, 0] == 1.0  # ... to its real end
+    model.learn(30)  # resets the env: the last stored step must now end its trajectory, as a time-out
+    assert model.replay_buffer.dones[59, 0] == 1.0 and model.replay_buffer.fails[59, 0] == 0.0
+    assert model.num_timesteps == 30
+
+
+def test_same_seed_same_first_update() -> None:
+    params = []
+    for _ in range(2):
+        model = _model()
+        model.learn(100)
+        params.append(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach())
+    th.testing.assert_close(params[0], params[1])
+    other = OffTRC("MlpPolicy", CostPendulum(), seed=1, **SMALL)
+    other.learn(100)
+    assert not th.allclose(params[0], th.nn.utils.parameters_to_vector(other.policy.parameters()).detach())
+
+
+@pytest.mark.parametrize("vec_cls", [DummyVecEnv, SubprocVecEnv])
+def test_multi_env(vec_cls: type) -> None:
+    env = make_vec_env(CostPendulum, n_envs=2, vec_env_cls=vec_cls)
+    model = _model(env)
+    assert model.train_freq.frequency == 50  # n_steps counts transitions over both copies
+    model.learn(200)
+    assert model._n_updates == 2 and model.replay_buffer.pos == 100
+    env.close()
+
+
+def test_vec_normalize_keeps_cost_raw() -> None:
+    env = VecNormalize(make_vec_env(lambda: CostPendulum(cost_value=3.0, reward_value=-7.0), n_envs=1))
+    model = _model(env)
+    model.learn(200)
+    buf = model.replay_buffer
+    assert (buf.costs[:200] == 3.0).all()  # cost never normalised
+    assert (buf.rewards[:200] == -7.0).all()  # stored raw like SAC; normalised when sampled
+    batch = buf.sample_windows(50, 50, env=model._vec_normalize_env)
+    assert th.all(batch.costs == 3.0)
+    assert not th.allclose(batch.rewards, th.full_like(batch.rewards, -7.0))
+    raw_obs = th.as_tensor(buf.observations[150:200, 0])
+    assert not th.allclose(batch.observations[:50], raw_obs)  # observations normalised on sampling
+
+
+# ------------------------------------------------------------------------------- errors
+def test_discrete_actions_rejected() -> None:
+    with pytest.raises(ValueError, match="continuous"):
+        OffTRC("MlpPolicy", "CartPole-v1")
+
+
+def test_missing_cost_names_the_fix() -> None:
+    model = _model(NoCost())
+    with pytest.raises(KeyError, match="cost_key"):
+        model.learn(10)
+
+
+def test_non_finite_cost_names_step_and_env() -> None:
+    env = make_vec_env(lambda: CostPendulum(cost_value=float("nan")), n_envs=2)
+    model = _model(env)
+    with pytest.raises(ValueError, match=r"cost nan at env step 2 from env index 0"):
+        model.learn(10)
+
+
+def test_bad_hyperparameters() -> None:
+    env = make_vec_env(CostPendulum, n_envs=3)
+    with pytest.raises(ValueError, match="multiple of the number of env copies"):
+        _model(env)
+    with pytest.raises(ValueError, match="cvar_alpha"):
+        _model(cvar_alpha=0.0)
+    with pytest.raises(ValueError, match="n_recent"):
+        _model(n_recent=400)
+
+
+# ---------------------------------------------------------------------- numerical faults
+def test_nan_from_conjugate_gradient_skips_step_and_keeps_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    model.learn(100)  # one normal update
+    actor_before = th.nn.utils.parameters_to_vector(model.policy.actor.parameters()).detach().clone()
+    monkeypatch.setattr(offtrc_module, "conjugate_gradient_solver", lambda fn, b, max_iter: b * float("nan"))
+    with pytest.warns(UserWarning, match="skipped: non-finite"):
+        model.learn(100, reset_num_timesteps=False)
+    after = th.nn.utils.parameters_to_vector(model.policy.actor.parameters()).detach()
+    assert th.equal(actor_before, after)
+    assert model._n_updates == 2  # training went on (the critics were still fitted)
+
+
+def test_failed_line_search_restores_parameters_exactly() -> None:
+    model = _model()
+    model.learn(100)
+    batch = model.replay_buffer.sample_windows(100, 200)
+    params = list(model.policy.actor.parameters())
+    theta = th.nn.utils.parameters_to_vector(params).detach().clone()
+    obs = batch.observations
+    with th.no_grad():
+        mean_k, std_k = model.policy.distribution(obs)
+
+    def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        mean, std = model.policy.distribution(obs)
+        return th.tensor(0.0), th.tensor(0.0), mean, std
+
+    huge = th.full_like(theta, 10.0)
+    tries, failed, _, _ = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
+    assert failed and tries == model.line_search_max_iter
+    assert th.equal(th.nn.utils.parameters_to_vector(params), theta)
+    tries, failed, kl, _ = model._line_search(params, huge * 1e-9, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
+    assert not failed and tries == 1 and kl <= 1.0
