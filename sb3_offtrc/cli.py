@@ -1,0 +1,507 @@
+"""``python -m sb3_offtrc`` / ``sb3-offtrc``: train, eval, record and plot constrained agents.
+
+Run layout written by ``train --out DIR``::
+
+    DIR/model.zip               final model
+    DIR/config.json             algo, env id, cost, cost limit, hyperparameters, seed
+    DIR/monitor/<rank>.monitor.csv, <rank>.costs.csv   SB3 Monitor + CostMonitor files
+    DIR/tb/                     TensorBoard log (unless --tensorboard-log says otherwise)
+    DIR/checkpoints/            with --checkpoint-freq
+    DIR/curves.png              return and cost per episode vs env steps
+
+The cost-limit line in plots is *episode-level*: ``d * T`` with ``d`` the per-step limit
+(``cost_limit`` of OffTRC and the Lagrangian baselines) and ``T`` the median episode length found
+in the monitor files. It matches the undiscounted episode cost the curves show; the algorithms
+themselves constrain the discounted cost return against ``d / (1 - gamma)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.vec_env import VecEnv
+
+#: algo name -> (module, class name, takes cost_limit / cost_key)
+ALGOS: dict[str, tuple[str, str, bool]] = {
+    "offtrc": ("sb3_offtrc", "OffTRC", True),
+    "sac": ("stable_baselines3", "SAC", False),
+    "ppo": ("stable_baselines3", "PPO", False),
+    "sac_lag": ("sb3_offtrc", "SACLagrangian", True),
+    "ppo_lag": ("sb3_offtrc", "PPOLagrangian", True),
+}
+OFF_POLICY = ("offtrc", "sac", "sac_lag")
+CONFIG_FILE = "config.json"
+
+
+def algo_class(name: str) -> type[BaseAlgorithm]:
+    """Import an algorithm class lazily (OffTRC and the baselines may not be installed/written)."""
+    import importlib
+
+    if name not in ALGOS:
+        raise SystemExit(f"unknown --algo {name!r}; choose from {', '.join(ALGOS)}")
+    module, cls, _ = ALGOS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--algo {name}: cannot import {module}.{cls} ({exc})") from exc
+
+
+def parse_hyperparams(items: Sequence[str]) -> dict[str, Any]:
+    """``["gamma=0.98", "policy_kwargs={'net_arch': [64, 64]}", "device=cpu"]`` -> dict.
+
+    Values are Python literals when they parse as one, strings otherwise.
+    """
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--hyperparams expects key=value, got {item!r}")
+        try:
+            params[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            params[key.strip()] = raw
+    return params
+
+
+def make_env_fn(
+    env_id: str, rank: int, monitor_dir: str | None, render_mode: str | None = None
+) -> Callable[[], gym.Env]:
+    """Factory of one env copy: ``CostMonitor(Monitor(gym.make(env_id)))`` logging to ``monitor_dir``."""
+
+    def _init() -> gym.Env:
+        import gymnasium as gym
+        from stable_baselines3.common.monitor import Monitor
+
+        import sb3_offtrc.envs  # noqa: F401  (registers ids in subprocess workers too)
+        from sb3_offtrc.common.monitor import CostMonitor
+
+        env = gym.make(env_id, render_mode=render_mode) if render_mode else gym.make(env_id)
+        path = None if monitor_dir is None else os.path.join(monitor_dir, str(rank))
+        env = Monitor(env, filename=path)
+        return CostMonitor(env, filename=path)
+
+    return _init
+
+
+def make_train_env(
+    env_id: str, n_envs: int, seed: int | None, monitor_dir: str | None, subproc: bool = False
+) -> VecEnv:
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if monitor_dir is not None:
+        os.makedirs(monitor_dir, exist_ok=True)
+    fns = [make_env_fn(env_id, rank, monitor_dir) for rank in range(n_envs)]
+    venv: VecEnv = SubprocVecEnv(fns) if subproc and n_envs > 1 else DummyVecEnv(fns)  # type: ignore[arg-type]
+    if seed is not None:
+        venv.seed(seed)
+    return venv
+
+
+def episode_horizon(env: gym.Env) -> int | None:
+    """``max_episode_steps`` of the innermost TimeLimit, if any."""
+    from gymnasium.wrappers import TimeLimit
+
+    current: Any = env
+    found = None
+    while current is not None:
+        if isinstance(current, TimeLimit):
+            found = current._max_episode_steps
+        current = getattr(current, "env", None)
+    return found
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    """config.json of a run directory, or of the run that holds a model file."""
+    for folder in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        candidate = os.path.join(folder, CONFIG_FILE)
+        if folder and os.path.isfile(candidate):
+            with open(candidate) as handle:
+                return json.load(handle)  # type: ignore[no-any-return]
+    return {}
+
+
+def _model_path(path: str) -> str:
+    """A model file, or ``model.zip`` of a run directory (pass ``best_model/best_model.zip`` explicitly)."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "model.zip")
+        if not os.path.isfile(candidate):
+            raise SystemExit(f"no model.zip in {path}")
+        return candidate
+    return path
+
+
+def _replay_buffer_for(model_path: str) -> str | None:
+    folder, name = os.path.split(model_path)
+    stem = name[:-4] if name.endswith(".zip") else name
+    candidates = [os.path.join(folder, "replay_buffer.pkl")]
+    if stem.startswith("rl_model_") and stem.endswith("_steps"):
+        candidates.insert(0, os.path.join(folder, stem.replace("rl_model_", "rl_model_replay_buffer_") + ".pkl"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+
+    from sb3_offtrc.common.monitor import CostLoggerCallback
+    from sb3_offtrc.envs import resolve_env_id
+
+    try:
+        env_id = resolve_env_id(args.env, args.cost)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    cls = algo_class(args.algo)
+    constrained = ALGOS[args.algo][2]
+    hyperparams = parse_hyperparams(args.hyperparams or [])
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
+    monitor_dir = os.path.join(out, "monitor")
+    venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc)
+    if constrained:
+        if args.cost_limit is not None:
+            hyperparams.setdefault("cost_limit", args.cost_limit)
+        hyperparams.setdefault("cost_key", args.cost_key)
+    if args.resume:
+        model = cls.load(args.resume, env=venv, tensorboard_log=tb_log, **hyperparams)
+        buffer = _replay_buffer_for(args.resume)
+        if buffer is not None and hasattr(model, "load_replay_buffer"):
+            model.load_replay_buffer(buffer)
+            print(f"resumed replay buffer from {buffer}")
+    else:
+        model = cls("MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams)
+    cost_limit = getattr(model, "cost_limit", args.cost_limit)
+    config = {
+        "algo": args.algo,
+        "env": args.env,
+        "env_id": env_id,
+        "cost": args.cost,
+        "cost_key": args.cost_key,
+        "cost_limit": cost_limit,
+        "gamma": getattr(model, "gamma", None),
+        "seed": args.seed,
+        "n_envs": args.n_envs,
+        "timesteps": args.timesteps,
+        "hyperparams": {
+            k: repr(v) if not isinstance(v, int | float | str | bool) else v for k, v in hyperparams.items()
+        },
+        "resumed_from": args.resume,
+    }
+    with open(os.path.join(out, CONFIG_FILE), "w") as handle:
+        json.dump(config, handle, indent=2)
+    callbacks: list[Any] = [CostLoggerCallback()]
+    if args.checkpoint_freq:
+        callbacks.append(
+            CheckpointCallback(
+                save_freq=max(args.checkpoint_freq // args.n_envs, 1),
+                save_path=os.path.join(out, "checkpoints"),
+                save_replay_buffer=args.save_replay_buffer and args.algo in OFF_POLICY,
+            )
+        )
+    if args.eval_freq:
+        from sb3_offtrc.common.evaluation import SafeEvalCallback
+
+        eval_env = make_env_fn(env_id, 0, None)()
+        horizon = episode_horizon(eval_env)
+        episode_limit = cost_limit * horizon if cost_limit is not None and horizon else None
+        callbacks.append(
+            SafeEvalCallback(
+                eval_env,
+                cost_limit=episode_limit,
+                cost_key=args.cost_key,
+                n_eval_episodes=args.eval_episodes,
+                eval_freq=max(args.eval_freq // args.n_envs, 1),
+                log_path=os.path.join(out, "eval"),
+                best_model_save_path=os.path.join(out, "best_model"),
+                verbose=args.verbose,
+            )
+        )
+    model.learn(
+        total_timesteps=args.timesteps,
+        callback=CallbackList(callbacks),
+        progress_bar=args.progress_bar,
+        reset_num_timesteps=not args.resume,
+        tb_log_name=args.algo,
+    )
+    model_path = os.path.join(out, "model.zip")
+    model.save(model_path)
+    if args.save_replay_buffer and hasattr(model, "save_replay_buffer"):
+        model.save_replay_buffer(os.path.join(out, "replay_buffer.pkl"))
+    venv.close()
+    png = os.path.join(out, "curves.png")
+    try:
+        plot_runs([out], png, cost_limit=cost_limit)
+    except (FileNotFoundError, ValueError) as exc:  # e.g. no episode finished yet
+        png = f"(no plot: {exc})"
+    tb_dir = getattr(model.logger, "dir", None) or tb_log
+    print(f"model:       {model_path}")
+    print(f"tensorboard: {tb_dir}   (tensorboard --logdir {tb_log})")
+    print(f"monitor:     {monitor_dir}")
+    print(f"curves:      {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+
+def _load_model(args: argparse.Namespace, config: dict[str, Any]) -> BaseAlgorithm:
+    algo = args.algo or config.get("algo")
+    if algo is None:
+        raise SystemExit("--algo is needed (no config.json next to the model)")
+    return algo_class(algo).load(_model_path(args.model), device="cpu")
+
+
+def _eval_env_id(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    from sb3_offtrc.envs import resolve_env_id
+
+    if args.env is not None:
+        return resolve_env_id(args.env, args.cost)
+    if "env_id" in config:
+        return str(config["env_id"])
+    raise SystemExit("--env is needed (no config.json next to the model)")
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[str(c) for c in columns]] + [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sb3_offtrc.common.evaluation import evaluate_safe_policy
+
+    config = _load_config(args.model)
+    model = _load_model(args, config)
+    env = make_env_fn(_eval_env_id(args, config), 0, None)()
+    env.reset(seed=args.seed)
+    d = args.cost_limit if args.cost_limit is not None else config.get("cost_limit")
+    horizon = episode_horizon(env)
+    episode_limit = d * horizon if d is not None and horizon else None
+    result = evaluate_safe_policy(
+        model,
+        env,
+        n_eval_episodes=args.episodes,
+        deterministic=not args.stochastic,
+        cvar_alpha=args.cvar_alpha,
+        cost_key=args.cost_key or config.get("cost_key", "cost"),
+        cost_limit=episode_limit,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    row = {
+        "return": result.mean_reward,
+        "return_std": result.std_reward,
+        "cost": result.mean_cost,
+        f"cost_cvar({args.cvar_alpha:g})": result.cost_cvar,
+        "cv": result.mean_cv,
+        "violation_rate": result.violation_rate,
+        "ep_len": result.mean_ep_length,
+        "episode_limit": episode_limit,
+    }
+    print(f"{args.episodes} episodes, {'stochastic' if args.stochastic else 'deterministic'} actions")
+    print(format_table([row], list(row)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- record
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import imageio.v2 as imageio
+    import numpy as np
+
+    config = _load_config(args.model) if args.model else {}
+    model = _load_model(args, config) if args.model else None
+    if args.env is None and not config:
+        raise SystemExit("--env is needed to record without a trained run")
+    env_id = _eval_env_id(args, config)
+    import gymnasium as gym
+
+    import sb3_offtrc.envs  # noqa: F401
+
+    env = gym.make(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=args.seed)
+    frames = []
+    total_cost = 0.0
+    for _ in range(args.steps):
+        frame: Any = env.render()
+        if frame is not None:
+            frames.append(np.asarray(frame))
+        if model is None:
+            action = env.action_space.sample()
+        else:
+            action, _ = model.predict(obs, deterministic=not args.stochastic)
+        obs, _, terminated, truncated, info = env.step(action)
+        total_cost += float(info.get(args.cost_key or "cost", 0.0))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    if not frames:
+        raise SystemExit(f"{env_id} returned no frames (render_mode='rgb_array' unsupported?)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    if args.output.lower().endswith(".gif"):
+        imageio.mimsave(args.output, frames, duration=1000 / args.fps, loop=0)  # type: ignore[arg-type]
+    else:
+        imageio.mimsave(args.output, frames, fps=args.fps)  # type: ignore[arg-type]
+    print(f"video: {args.output} ({len(frames)} frames, summed cost {total_cost:.2f})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- plot
+
+
+def plot_runs(
+    runs: Sequence[str],
+    output: str,
+    cost_limit: float | None = None,
+    window: int = 10,
+    labels: Sequence[str] | None = None,
+) -> str:
+    """Plot episode return and cost vs env steps from CostMonitor files, with the limit ``d * T``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sb3_offtrc.common.monitor import load_cost_results
+
+    fig, (ax_r, ax_c) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    lengths = []
+    for i, run in enumerate(runs):
+        data = load_cost_results(run)
+        if data.empty:
+            raise ValueError(f"{run}: no finished episodes in the monitor files")
+        label = labels[i] if labels else (_load_config(run).get("algo") or os.path.basename(os.path.normpath(run)))
+        x = data["timesteps"].to_numpy()
+        for ax, column in ((ax_r, "r"), (ax_c, "c")):
+            y = data[column].to_numpy(dtype=float)
+            ax.plot(x, y, alpha=0.25, linewidth=0.8, color=f"C{i}")
+            # trailing mean over up to `window` episodes, so the first episodes are drawn too
+            smooth = data[column].astype(float).rolling(max(1, window), min_periods=1).mean().to_numpy()
+            ax.plot(x, smooth, color=f"C{i}", label=label)
+        lengths.append(data["l"].to_numpy())
+        if cost_limit is None:
+            cost_limit = _load_config(run).get("cost_limit")
+    if cost_limit is not None:
+        horizon = float(np.median(np.concatenate(lengths)))
+        ax_c.axhline(cost_limit * horizon, color="k", linestyle="--", label=f"limit d*T = {cost_limit:g}*{horizon:g}")
+    ax_r.set_ylabel("episode return")
+    ax_c.set_ylabel("episode cost")
+    ax_c.set_xlabel("env steps")
+    ax_r.legend(loc="best", fontsize=8)
+    ax_c.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    output = args.output or os.path.join(args.runs[0], "curves.png")
+    try:
+        plot_runs(args.runs, output, cost_limit=args.cost_limit, window=args.window)
+    except (FileNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"curves: {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sb3-offtrc", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an agent; writes model, monitor files, TensorBoard log, curves")
+    train.add_argument("--algo", default="offtrc", choices=list(ALGOS))
+    train.add_argument("--env", default="HazardPoint-v0", help="env id (unknown ids list the available ones)")
+    train.add_argument("--cost", choices=("native", "smooth"), default=None, help="cost of Safety-Gymnasium tasks")
+    train.add_argument("--cost-key", default="cost")
+    train.add_argument("--cost-limit", type=float, default=None, help="per-step limit d (algorithm default if unset)")
+    train.add_argument("--timesteps", type=int, default=20_000)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--n-envs", type=int, default=1)
+    train.add_argument("--subproc", action="store_true", help="SubprocVecEnv instead of DummyVecEnv")
+    train.add_argument("--hyperparams", nargs="*", metavar="KEY=VALUE", help="constructor overrides")
+    train.add_argument("--progress-bar", action="store_true")
+    train.add_argument("--tensorboard-log", default=None, help="default: OUT/tb")
+    train.add_argument("--checkpoint-freq", type=int, default=0, help="env steps between checkpoints (0: none)")
+    train.add_argument("--save-replay-buffer", action="store_true", help="also save the replay buffer (off-policy)")
+    train.add_argument("--eval-freq", type=int, default=0, help="env steps between SafeEvalCallback evaluations")
+    train.add_argument("--eval-episodes", type=int, default=5)
+    train.add_argument("--resume", default=None, metavar="MODEL.zip", help="continue training a saved model")
+    train.add_argument("--out", default="runs/run", help="run directory")
+    train.add_argument("--verbose", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model: return / cost / CV / CVaR table")
+    evaluate.add_argument("model", help="model .zip or run directory")
+    evaluate.add_argument("--algo", default=None, choices=list(ALGOS))
+    evaluate.add_argument("--env", default=None)
+    evaluate.add_argument("--cost", choices=("native", "smooth"), default=None)
+    evaluate.add_argument("--cost-key", default=None)
+    evaluate.add_argument("--cost-limit", type=float, default=None, help="per-step d; episode limit d*T")
+    evaluate.add_argument("--episodes", type=int, default=10)
+    evaluate.add_argument("--cvar-alpha", type=float, default=0.125)
+    evaluate.add_argument("--stochastic", action="store_true")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    record = sub.add_parser("record", help="render a policy headless (MUJOCO_GL=egl) to MP4 or GIF")
+    record.add_argument("model", nargs="?", default=None, help="model .zip or run directory (none: random actions)")
+    record.add_argument("--algo", default=None, choices=list(ALGOS))
+    record.add_argument("--env", default=None)
+    record.add_argument("--cost", choices=("native", "smooth"), default=None)
+    record.add_argument("--cost-key", default=None)
+    record.add_argument("--steps", type=int, default=300)
+    record.add_argument("--fps", type=int, default=30)
+    record.add_argument("--stochastic", action="store_true")
+    record.add_argument("--seed", type=int, default=0)
+    record.add_argument("--output", default="video.mp4", help=".mp4 (needs imageio-ffmpeg) or .gif")
+    record.set_defaults(func=cmd_record)
+
+    plot = sub.add_parser("plot", help="return and cost curves vs env steps, with the limit line")
+    plot.add_argument("runs", nargs="+", help="run directories (or folders of *.costs.csv)")
+    plot.add_argument("--cost-limit", type=float, default=None, help="per-step d (default: from config.json)")
+    plot.add_argument("--window", type=int, default=10, help="moving-average window in episodes")
+    plot.add_argument("--output", default=None, help="PNG path (default: FIRST_RUN/curves.png)")
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""CLI smoke tests: a few hundred steps of training, then eval, record, plot and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sb3_offtrc.cli import main, parse_hyperparams
+
+SMALL_SAC = ["learning_starts=100", "batch_size=32", "policy_kwargs={'net_arch': [16]}"]
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def sac_run(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("runs") / "sac")
+    code = main(
+        ["train", "--algo", "sac", "--env", "HazardPoint-v0", "--timesteps", "300", "--seed", "1", "--out", out,
+         "--checkpoint-freq", "200", "--cost-limit", "0.05", "--hyperparams", *SMALL_SAC]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_parse_hyperparams() -> None:
+    params = parse_hyperparams(["gamma=0.98", "net={'a': [1, 2]}", "device=cpu", "use_sde=True"])
+    assert params == {"gamma": 0.98, "net": {"a": [1, 2]}, "device": "cpu", "use_sde": True}
+    with pytest.raises(SystemExit):
+        parse_hyperparams(["novalue"])
+
+
+def test_train_writes_the_run_layout(sac_run: str, capsys) -> None:
+    for name in ("model.zip", "config.json", "curves.png", "monitor/0.monitor.csv", "monitor/0.costs.csv"):
+        assert os.path.isfile(os.path.join(sac_run, name)), name
+    assert os.listdir(os.path.join(sac_run, "checkpoints")) == ["rl_model_200_steps.zip"]
+    tb_runs = os.listdir(os.path.join(sac_run, "tb"))
+    assert tb_runs and any(f.startswith("events.out") for f in os.listdir(os.path.join(sac_run, "tb", tb_runs[0])))
+    with open(os.path.join(sac_run, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["algo"] == "sac" and config["env_id"] == "HazardPoint-v0" and config["cost_limit"] == 0.05
+    from sb3_offtrc.common.monitor import load_cost_results
+
+    data = load_cost_results(os.path.join(sac_run, "monitor"))
+    assert data["l"].tolist() == [100, 100, 100]
+
+
+def test_eval_table_and_json(sac_run: str, capsys) -> None:
+    assert main(["eval", sac_run, "--episodes", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "cost_cvar(0.125)" in table and "violation_rate" in table
+    assert main(["eval", os.path.join(sac_run, "model.zip"), "--episodes", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["episode_costs"]) == 3
+    assert result["cost_limit"] == pytest.approx(0.05 * 100)  # d * T, T = HazardPoint's 100 steps
+    assert result["mean_ep_length"] == 100.0
+
+
+def test_record_gif_and_mp4(sac_run: str, tmp_path) -> None:
+    import imageio.v2 as imageio
+
+    gif = str(tmp_path / "v.gif")
+    assert main(["record", sac_run, "--steps", "5", "--output", gif]) == 0
+    frames = imageio.mimread(gif)
+    # GIF writers merge identical consecutive frames (a barely trained policy may not move a pixel)
+    assert 1 <= len(frames) <= 5 and np.asarray(frames[0]).shape[:2] == (128, 128)
+    if _has("imageio_ffmpeg"):
+        mp4 = str(tmp_path / "v.mp4")
+        assert main(["record", "--env", "HazardPoint-v0", "--steps", "5", "--fps", "5", "--output", mp4]) == 0
+        assert len(imageio.mimread(mp4)) == 5
+
+
+def test_plot_several_runs(sac_run: str, tmp_path) -> None:
+    png = str(tmp_path / "curves.png")
+    assert main(["plot", sac_run, os.path.join(sac_run, "monitor"), "--output", png, "--window", "2"]) == 0
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100
+    assert main(["plot", str(tmp_path / "empty"), "--output", png]) == 2
+
+
+def test_resume_continues_the_step_count(sac_run: str, tmp_path) -> None:
+    out = str(tmp_path / "resumed")
+    args = ["train", "--algo", "sac", "--env", "HazardPoint-v0", "--timesteps", "100", "--out", out]
+    assert main([*args, "--resume", os.path.join(sac_run, "model.zip")]) == 0
+    from stable_baselines3 import SAC
+
+    assert SAC.load(os.path.join(out, "model.zip")).num_timesteps == 400
+
+
+def test_ppo_with_two_envs(tmp_path, capsys) -> None:
+    out = str(tmp_path / "ppo")
+    hp = ["n_steps=100", "batch_size=50", "n_epochs=1", "policy_kwargs={'net_arch': [16]}"]
+    assert (
+        main(["train", "--algo", "ppo", "--n-envs", "2", "--timesteps", "200", "--out", out, "--hyperparams", *hp]) == 0
+    )
+    assert sorted(os.listdir(os.path.join(out, "monitor"))) == [
+        "0.costs.csv",
+        "0.monitor.csv",
+        "1.costs.csv",
+        "1.monitor.csv",
+    ]
+    printed = capsys.readouterr().out
+    assert "curves:" in printed and os.path.join(out, "curves.png") in printed
+
+
+def test_unknown_env_lists_ids(tmp_path, capsys) -> None:
+    assert main(["train", "--env", "NoSuchEnv-v9", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "HazardPoint-v0" in err and "OffTRC/SafetyPointGoal1-v0" in err
+
+
+def test_module_entry_point_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "sb3_offtrc", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert all(cmd in result.stdout for cmd in ("train", "eval", "record", "plot"))
+
+
+@pytest.mark.skipif(not _has("sb3_offtrc.offtrc"), reason="sb3_offtrc.offtrc not written yet")
+def test_train_offtrc(tmp_path) -> None:
+    out = str(tmp_path / "offtrc")
+    hp = ["n_steps=100", "n_recent=100", "n_batch=200", "buffer_size=1000", "n_critic_epochs=2",
+          "policy_kwargs={'net_arch': [16]}"]  # fmt: skip
+    assert main(["train", "--algo", "offtrc", "--timesteps", "200", "--cost-limit", "0.025", "--out", out,
+                 "--hyperparams", *hp]) == 0  # fmt: skip
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["cost_limit"] == 0.025
+    assert main(["eval", out, "--episodes", "2"]) == 0
+
+
+@pytest.mark.parametrize("algo", ["sac_lag", "ppo_lag"])
+def test_train_lagrangian(tmp_path, algo: str) -> None:
+    if not _has("sb3_offtrc.lagrangian"):
+        pytest.skip("sb3_offtrc.lagrangian not written yet")
+    out = str(tmp_path / algo)
+    hp = SMALL_SAC if algo == "sac_lag" else ["n_steps=100", "batch_size=50", "n_epochs=1"]
+    assert main(["train", "--algo", algo, "--timesteps", "200", "--out", out, "--hyperparams", *hp]) == 0
+
+
+@pytest.mark.safety
+def test_record_safety_task_headless(tmp_path) -> None:
+    from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available
+
+    if not safety_gymnasium_available():
+        pytest.skip("safety_gymnasium not installed")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    gif = str(tmp_path / "goal.gif")
+    assert main(["record", "--env", "SafetyPointGoal1-v0", "--cost", "smooth", "--steps", "3", "--output", gif]) == 0
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(gif)
+    assert 1 <= len(frames) <= 3 and np.asarray(frames[0]).std() > 0  # not a blank image
