@@ -1,6 +1,6 @@
 """How fast Safety-Gymnasium steps, and whether it renders headless, with the installed MuJoCo.
 
-Used to choose the MuJoCo pin (see docs/installation.md); run it once per candidate venv::
+Used to choose the MuJoCo pin (figures in README.md, "Which MuJoCo: measured"); run it once per candidate venv::
 
     MUJOCO_GL=egl python benchmarks/env_rate.py --steps 20000 --render-frames 50
 
