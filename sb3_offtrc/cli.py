@@ -256,11 +256,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- eval
 
 
-def _load_model(args: argparse.Namespace, config: dict[str, Any]) -> BaseAlgorithm:
+def _load_model(args: argparse.Namespace, config: dict[str, Any], env: gym.Env) -> BaseAlgorithm:
     algo = args.algo or config.get("algo")
     if algo is None:
         raise SystemExit("--algo is needed (no config.json next to the model)")
-    return algo_class(algo).load(_model_path(args.model), device="cpu")
+    # loading with the env checks that its spaces match the model's
+    return algo_class(algo).load(_model_path(args.model), env=env, device="cpu")
 
 
 def _eval_env_id(args: argparse.Namespace, config: dict[str, Any]) -> str:
@@ -293,8 +294,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sb3_offtrc.common.evaluation import evaluate_safe_policy
 
     config = _load_config(args.model)
-    model = _load_model(args, config)
     env = make_env_fn(_eval_env_id(args, config), 0, None)()
+    model = _load_model(args, config, env)
     env.reset(seed=args.seed)
     d = args.cost_limit if args.cost_limit is not None else config.get("cost_limit")
     horizon = episode_horizon(env)
@@ -335,7 +336,6 @@ def cmd_record(args: argparse.Namespace) -> int:
     import numpy as np
 
     config = _load_config(args.model) if args.model else {}
-    model = _load_model(args, config) if args.model else None
     if args.env is None and not config:
         raise SystemExit("--env is needed to record without a trained run")
     env_id = _eval_env_id(args, config)
@@ -344,6 +344,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     import sb3_offtrc.envs  # noqa: F401
 
     env = gym.make(env_id, render_mode="rgb_array")
+    model = _load_model(args, config, env) if args.model else None
     obs, _ = env.reset(seed=args.seed)
     frames = []
     total_cost = 0.0

@@ -33,6 +33,11 @@ detour      ~98      0                  0.00
 
 A per-step limit ``d = 0.025`` (episode limit 2.5, the paper's default ``d``) makes the straight
 path infeasible and the detour feasible.
+
+Learning reference (one seed, ``[64, 64]`` networks, shared CPU): SAC learns the straight path,
+return ~100 and episode cost ~10 after 15k steps; OffTRC with ``cost_limit=0.025``,
+``max_kl=0.01``, ``n_critic_epochs=20`` keeps the episode cost under 2.5 from about 15k steps on
+(deterministic evaluation at 30k: cost 0, return ~25, still rising).
 """
 
 from __future__ import annotations
