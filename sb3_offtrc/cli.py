@@ -95,15 +95,12 @@ def make_env_fn(
 def make_train_env(
     env_id: str, n_envs: int, seed: int | None, monitor_dir: str | None, subproc: bool = False
 ) -> VecEnv:
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    if monitor_dir is not None:
-        os.makedirs(monitor_dir, exist_ok=True)
-    fns = [make_env_fn(env_id, rank, monitor_dir) for rank in range(n_envs)]
-    venv: VecEnv = SubprocVecEnv(fns) if subproc and n_envs > 1 else DummyVecEnv(fns)  # type: ignore[arg-type]
-    if seed is not None:
-        venv.seed(seed)
-    return venv
+    from sb3_offtrc.common.monitor import make_cost_vec_env
+
+    vec_env_cls = SubprocVecEnv if subproc and n_envs > 1 else None
+    return make_cost_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, vec_env_cls=vec_env_cls)
 
 
 def episode_horizon(env: gym.Env) -> int | None:

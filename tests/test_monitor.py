@@ -162,3 +162,50 @@ def test_ppo_logs_rollout_cost(tmp_path) -> None:
     progress = _progress(tmp_path)
     assert progress["rollout/ep_cost_mean"].notna().all()
     assert progress["rollout/ep_cost_mean"].iloc[-1] == pytest.approx(np.mean([ep["c"] for ep in model.ep_info_buffer]))
+
+
+def test_monitor_outside_cost_monitor_keeps_costs_as_columns(tmp_path) -> None:
+    from sb3_offtrc.common.monitor import EPISODE_INFO_KEYWORDS
+
+    env = Monitor(
+        CostMonitor(gym.make("HazardPoint-v0")), filename=str(tmp_path / "m"), info_keywords=EPISODE_INFO_KEYWORDS
+    )
+    env.reset(seed=0)
+    for _ in range(100):
+        _, _, _, truncated, info = env.step(np.array([1.0, 0.0], dtype=np.float32))
+    assert truncated
+    assert "c" not in info["episode"]  # Monitor rebuilt it ...
+    assert info["episode"]["episode_cost"] == info["episode_cost"] > 0  # ... but kept the flat keys
+    env.close()
+    from stable_baselines3.common.monitor import load_results
+
+    data = load_results(str(tmp_path))
+    assert data["episode_cost"].tolist() == [info["episode_cost"]]
+    assert data["episode_cv"].tolist() == [info["episode_cv"]]
+
+
+def test_cost_logger_reads_flat_keys() -> None:
+    from stable_baselines3.common.logger import Logger
+
+    callback = CostLoggerCallback()
+    logger = Logger(folder=None, output_formats=[])
+    callback.model = type("M", (), {"_stats_window_size": 5, "logger": logger, "num_timesteps": 0})()
+    callback._init_callback()
+    for cost in (1.0, 3.0):
+        callback.locals = {"infos": [{"episode_cost": cost, "episode_cv": 2 * cost}], "dones": np.array([True])}
+        callback.on_step()
+    assert logger.name_to_value["rollout/ep_cost_mean"] == 2.0
+    assert logger.name_to_value["rollout/ep_cv_mean"] == 4.0
+
+
+def test_make_cost_vec_env_writes_one_file_pair_per_copy(tmp_path) -> None:
+    from sb3_offtrc.common.monitor import make_cost_vec_env
+
+    venv = make_cost_vec_env("HazardPoint-v0", n_envs=2, seed=3, monitor_dir=str(tmp_path))
+    venv.reset()
+    for _ in range(100):
+        _, _, dones, infos = venv.step(np.tile([[1.0, 0.0]], (2, 1)).astype(np.float32))
+    assert dones.all() and all("c" in info["episode"] for info in infos)
+    venv.close()
+    assert sorted(os.listdir(tmp_path)) == ["0.costs.csv", "0.monitor.csv", "1.costs.csv", "1.monitor.csv"]
+    assert len(load_cost_results(str(tmp_path))) == 2

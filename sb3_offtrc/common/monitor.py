@@ -7,8 +7,11 @@ and ``t``; when no :class:`~stable_baselines3.common.monitor.Monitor` is below i
 ``info["episode"]`` itself (with ``r``, ``l``, ``t`` too), so it can also be used alone.
 
 Wrapping order: put CostMonitor *outside* SB3's Monitor, which is what
-``make_vec_env(env_id, wrapper_class=CostMonitor)`` does. A Monitor outside a CostMonitor
-rebuilds ``info["episode"]`` and drops ``c``/``cv``.
+``make_vec_env(env_id, wrapper_class=CostMonitor)`` and :func:`make_cost_vec_env` do. A Monitor
+outside a CostMonitor rebuilds ``info["episode"]`` and drops ``c``/``cv``; for that order
+CostMonitor also sets ``info["episode_cost"]`` / ``info["episode_cv"]`` at episode end, which
+:class:`CostLoggerCallback` reads and ``Monitor(env, info_keywords=EPISODE_INFO_KEYWORDS)``
+writes as extra columns of its own CSV.
 
 CSV: with ``filename`` set, CostMonitor writes its own file ``<filename>.costs.csv`` (a JSON
 header line like Monitor's, then columns ``r,l,t,c,cv``). It is a separate file because SB3's
@@ -34,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
 
 if TYPE_CHECKING:
     import pandas
@@ -43,6 +47,8 @@ ViolationFn = Callable[[float, dict[str, Any]], bool]
 
 #: info keys read as a per-step violation flag when present (first match wins)
 DEFAULT_VIOLATION_KEYS = ("cv", "violation")
+#: flat episode-end info keys set by CostMonitor (for ``Monitor(info_keywords=...)``)
+EPISODE_INFO_KEYWORDS = ("episode_cost", "episode_cv")
 
 
 def step_violation(
@@ -174,6 +180,10 @@ class CostMonitor(gym.Wrapper):
                 info["episode"] = episode
             episode["c"] = ep_cost
             episode["cv"] = ep_cv
+            # flat copies survive a Monitor *outside* this wrapper (which rebuilds info["episode"]);
+            # Monitor(env, info_keywords=EPISODE_INFO_KEYWORDS) also writes them as CSV columns
+            info["episode_cost"] = ep_cost
+            info["episode_cv"] = ep_cv
             self.episode_returns.append(self._ep_return)
             self.episode_lengths.append(self._ep_length)
             self.episode_costs.append(ep_cost)
@@ -283,11 +293,14 @@ class CostLoggerCallback(BaseCallback):
             if isinstance(episode, dict) and "c" in episode:
                 self.ep_costs.append(float(episode["c"]))
                 self.ep_cvs.append(float(episode.get("cv", 0.0)))
+            elif "episode_cost" in info:
+                self.ep_costs.append(float(info["episode_cost"]))
+                self.ep_cvs.append(float(info.get("episode_cv", 0.0)))
             elif dones is not None and bool(dones[i]) and not self._warned:
                 self._warned = True
                 self.logger.warn(
-                    "CostLoggerCallback: an episode ended without info['episode']['c']; "
-                    "wrap the env in CostMonitor (outside Monitor), e.g. make_vec_env(id, wrapper_class=CostMonitor)"
+                    "CostLoggerCallback: an episode ended without info['episode']['c']; wrap the env in "
+                    "CostMonitor, e.g. make_vec_env(id, wrapper_class=CostMonitor) or make_cost_vec_env(id)"
                 )
         if self.ep_costs:
             # recorded every step: the logger forgets values at each dump, and dumps happen at
@@ -295,3 +308,52 @@ class CostLoggerCallback(BaseCallback):
             self.logger.record("rollout/ep_cost_mean", float(np.mean(self.ep_costs)))
             self.logger.record("rollout/ep_cv_mean", float(np.mean(self.ep_cvs)))
         return True
+
+
+def make_cost_vec_env(
+    env_id: str | Callable[..., gym.Env],
+    n_envs: int = 1,
+    seed: int | None = None,
+    monitor_dir: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    vec_env_cls: type | None = None,
+    vec_env_kwargs: dict[str, Any] | None = None,
+    cost_monitor_kwargs: dict[str, Any] | None = None,
+) -> VecEnv:
+    """SB3's ``make_vec_env`` with ``CostMonitor(Monitor(env))`` around every copy.
+
+    Each copy ``i`` writes ``<monitor_dir>/<i>.monitor.csv`` and ``<monitor_dir>/<i>.costs.csv``
+    (``make_vec_env(wrapper_class=CostMonitor)`` cannot give each copy its own cost file).
+
+    :param env_id: a registered id (``import sb3_offtrc.envs`` first for ours) or an env factory.
+    :param n_envs: number of env copies.
+    :param seed: seed of the first copy (copy ``i`` gets ``seed + i``).
+    :param monitor_dir: where to write the CSV files; ``None`` writes none.
+    :param env_kwargs: passed to ``gym.make`` (or to the factory).
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``.
+    :param vec_env_kwargs: passed to the VecEnv class.
+    :param cost_monitor_kwargs: passed to :class:`CostMonitor` (``cost_fn``, ``cost_key``, ...).
+    """
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    env_kwargs = env_kwargs or {}
+    cost_kwargs = cost_monitor_kwargs or {}
+    if monitor_dir is not None:
+        os.makedirs(monitor_dir, exist_ok=True)
+
+    def factory(rank: int) -> Callable[[], gym.Env]:
+        def _init() -> gym.Env:
+            import sb3_offtrc.envs  # noqa: F401  (registers our ids in spawned SubprocVecEnv workers)
+
+            env = gym.make(env_id, **env_kwargs) if isinstance(env_id, str) else env_id(**env_kwargs)
+            path = None if monitor_dir is None else os.path.join(monitor_dir, str(rank))
+            return CostMonitor(Monitor(env, filename=path), filename=path, **cost_kwargs)
+
+        return _init
+
+    cls = DummyVecEnv if vec_env_cls is None else vec_env_cls
+    venv: VecEnv = cls([factory(i) for i in range(n_envs)], **(vec_env_kwargs or {}))
+    if seed is not None:
+        venv.seed(seed)
+    return venv
