@@ -123,7 +123,11 @@ def test_unknown_env_lists_ids(tmp_path, capsys) -> None:
 
 
 def test_module_entry_point_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "sb3_offtrc", "--help"], capture_output=True, text=True, check=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-m", "sb3_offtrc", "--help"], capture_output=True, text=True, check=False, env=env
+    )
     assert result.returncode == 0
     assert all(cmd in result.stdout for cmd in ("train", "eval", "record", "plot"))
 
