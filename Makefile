@@ -66,10 +66,12 @@ test: setup ## run the test suite without the slow learning checks (what CI runs
 test-all: setup ## run every test, the slow learning checks included
 	SB3_OFFTRC_REQUIRE_SAFETY=1 $(PY) -m pytest -n 2 --timeout=3600 --durations=15
 
-lint: setup ## ruff (lint + format check) and mypy on the package
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy sb3_offtrc
+lint: setup ## ruff (lint + format check) and mypy on the package; runs all three, fails if any fails
+	@status=0; \
+	echo ">> ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo ">> ruff format --check ."; $(VENV)/bin/ruff format --check . || status=1; \
+	echo ">> mypy sb3_offtrc"; $(VENV)/bin/mypy sb3_offtrc || status=1; \
+	exit $$status
 
 format: setup ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
