@@ -119,3 +119,9 @@ def test_render_rgb_array() -> None:
     env.reset(seed=0)
     frame = env.render()
     assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
+
+
+def test_module_prefixed_id_imports_the_package() -> None:
+    # "module:Id" makes gymnasium import sb3_offtrc.envs itself (useful in spawned workers)
+    env = gym.make("sb3_offtrc.envs:HazardPoint-v0")
+    assert env.spec is not None and env.spec.id == "HazardPoint-v0"
