@@ -1,0 +1,243 @@
+"""Turn a results directory of ``benchmarks/run.py`` into PNG curves and a markdown table.
+
+Reads every ``<env>/<algo>/seed<k>/`` that has a ``summary.json`` (finished runs only) and writes,
+next to them:
+
+- ``curves_<env>.png``: evaluation return and episode cost (top) and training return and episode
+  cost (bottom) against env steps, mean ± std over seeds, the episode cost limit dashed;
+- ``report.md``: per env and algorithm, over seeds (mean ± std): final eval return, final eval
+  episode cost and its CVaR, total training-time constraint violations, env steps until the eval
+  cost stays under the limit, training env-steps per second.
+
+Usage::
+
+    python benchmarks/report.py                                  # benchmarks/results/quick
+    python benchmarks/report.py --results benchmarks/results/full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ALGO_ORDER = ["offtrc", "sac_lag", "ppo_lag", "sac", "ppo"]
+LABELS = {"offtrc": "OffTRC", "sac_lag": "SAC-Lag", "ppo_lag": "PPO-Lag", "sac": "SAC", "ppo": "PPO"}
+
+
+@dataclass
+class Run:
+    summary: dict[str, Any]
+    curve: pd.DataFrame
+    episodes: pd.DataFrame
+
+    @property
+    def algo(self) -> str:
+        return str(self.summary["algo"])
+
+    @property
+    def env_id(self) -> str:
+        return str(self.summary["env_id"])
+
+
+def load_runs(results: Path) -> list[Run]:
+    runs = []
+    for path in sorted(results.glob("*/*/seed*/summary.json")):
+        summary = json.loads(path.read_text())
+        curve = pd.read_csv(path.parent / "curve.csv")
+        episodes = pd.read_csv(path.parent / "episodes.csv")
+        runs.append(Run(summary, curve, episodes))
+    return runs
+
+
+def steps_until_under_limit(curve: pd.DataFrame, limit: float | None) -> float:
+    """First eval step from which every later eval's mean episode cost is <= limit (nan: never)."""
+    if limit is None or curve.empty:
+        return math.nan
+    above = curve["eval_cost"].to_numpy() > limit + 1e-9
+    if above[-1]:
+        return math.nan
+    last_above = np.flatnonzero(above)
+    if last_above.size == 0:
+        return float(curve["env_steps"].iloc[0])
+    return float(curve["env_steps"].iloc[last_above[-1] + 1])
+
+
+def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0 or np.all(np.isnan(arr)):
+        return "–"
+    if arr.size == 1:
+        return fmt.format(arr[0])
+    return f"{fmt.format(np.nanmean(arr))} ± {fmt.format(np.nanstd(arr))}"
+
+
+def _steps_cell(values: list[float]) -> str:
+    arr = np.asarray(values, dtype=float)
+    never = int(np.isnan(arr).sum())
+    if never == arr.size:
+        return "never"
+    text = f"{np.nanmean(arr):,.0f}"
+    return f"{text} ({never}/{arr.size} never)" if never else text
+
+
+def table(runs: list[Run]) -> str:
+    lines = []
+    for env_id in sorted({r.env_id for r in runs}):
+        env_runs = [r for r in runs if r.env_id == env_id]
+        first = env_runs[0].summary
+        limit = first.get("episode_cost_limit")
+        lines.append(f"### {env_id}")
+        lines.append("")
+        lines.append(
+            f"Episode cost limit {limit} (d = {first['cost_limit']} per step x {first['episode_length']} steps). "
+            "Final = last evaluation, deterministic policy; mean ± std over seeds."
+        )
+        lines.append("")
+        lines.append(
+            "| algorithm | seeds | env steps | final return | final episode cost | final cost CVaR | "
+            "training violations (total) | steps until eval cost stays ≤ limit | env-steps/s | wall time (s) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        algos = sorted({r.algo for r in env_runs}, key=lambda a: ALGO_ORDER.index(a) if a in ALGO_ORDER else 99)
+        for algo in algos:
+            group = [r for r in env_runs if r.algo == algo]
+            finals = [r.summary["final_eval"] for r in group]
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        LABELS.get(algo, algo),
+                        str(len(group)),
+                        f"{int(np.mean([r.summary['env_steps'] for r in group])):,}",
+                        _mean_std([f["eval_return"] for f in finals]),
+                        _mean_std([f["eval_cost"] for f in finals]),
+                        _mean_std([f["eval_cost_cvar"] for f in finals]),
+                        _mean_std([float(r.summary["train_cv_total"]) for r in group], "{:,.0f}"),
+                        _steps_cell([steps_until_under_limit(r.curve, limit) for r in group]),
+                        _mean_std([r.summary["env_steps_per_s"] for r in group], "{:,.0f}"),
+                        _mean_std([r.summary["wall_time"] for r in group], "{:,.0f}"),
+                    ]
+                )
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _aggregate(series: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over seeds of curves ``(x, y)`` interpolated onto ``grid`` (nan outside each x range)."""
+    stacked = []
+    for x, y in series:
+        keep = ~np.isnan(y)
+        x, y = x[keep], y[keep]
+        if x.size == 0:
+            stacked.append(np.full(grid.shape, np.nan))
+            continue
+        interp = np.interp(grid, x, y)
+        interp[(grid < x[0]) | (grid > x[-1])] = np.nan
+        stacked.append(interp)
+    data = np.vstack(stacked)
+    with warnings.catch_warnings():
+        # a grid point covered by no seed
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(data, axis=0), np.nanstd(data, axis=0)
+
+
+def _eval_series(run: Run, column: str) -> tuple[np.ndarray, np.ndarray]:
+    return run.curve["env_steps"].to_numpy(dtype=float), pd.to_numeric(run.curve[column]).to_numpy(dtype=float)
+
+
+def _train_series(run: Run, column: str, window: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Training episodes, smoothed by a running mean over ``window`` episodes."""
+    ep = run.episodes
+    y = pd.to_numeric(ep[column]).rolling(window, min_periods=1).mean()
+    return ep["env_steps"].to_numpy(dtype=float), y.to_numpy(dtype=float)
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for env_id in sorted({r.env_id for r in runs}):
+        env_runs = [r for r in runs if r.env_id == env_id]
+        limit = env_runs[0].summary.get("episode_cost_limit")
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        panels = [
+            (axes[0, 0], "eval_return", "eval return (deterministic)", _eval_series),
+            (axes[0, 1], "eval_cost", "eval episode cost", _eval_series),
+            (axes[1, 0], "return", "training episode return (10-episode mean)", _train_series),
+            (axes[1, 1], "cost", "training episode cost (10-episode mean)", _train_series),
+        ]
+        algos = sorted({r.algo for r in env_runs}, key=lambda a: ALGO_ORDER.index(a) if a in ALGO_ORDER else 99)
+        for algo in algos:
+            group = [r for r in env_runs if r.algo == algo]
+            for ax, column, _, series_of in panels:
+                series = [series_of(r, column) for r in group]
+                if series_of is _eval_series:
+                    grid = series[0][0]
+                else:
+                    top = max((x[-1] for x, _ in series if x.size), default=0.0)
+                    grid = np.linspace(0.0, top, 200)
+                mean, std = _aggregate(series, grid)
+                (line,) = ax.plot(
+                    grid,
+                    mean,
+                    marker="." if grid.size < 30 else None,
+                    label=f"{LABELS.get(algo, algo)} (n={len(group)})",
+                )
+                ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        for ax, column, title, _ in panels:
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if column.endswith("cost") and limit is not None:
+                ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
+        for ax in axes[1]:
+            ax.set_xlabel("env steps")
+        axes[0, 1].legend(fontsize=8)
+        fig.suptitle(f"{env_id}: mean ± std over seeds")
+        fig.tight_layout()
+        path = out / f"curves_{env_id.replace('/', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quick", help="a run.py results directory")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the results directory)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.results)
+    if not runs:
+        print(f"no finished runs under {args.results}", file=sys.stderr)
+        return 1
+    out = args.out or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plot(runs, out)
+    command = (args.results / "command.txt").read_text().strip() if (args.results / "command.txt").exists() else None
+    header = ["# Benchmark results", ""]
+    if command:
+        report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
+        header += [f"Produced by `{command}` (its last invocation), then `{report_cmd}`.", ""]
+    report = "\n".join(header) + table(runs) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
+    (out / "report.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

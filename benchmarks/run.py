@@ -1,0 +1,525 @@
+"""Benchmark grid: {algorithm} x {env} x {seed} at a fixed env-step budget, resumable.
+
+Every run uses the same env construction (``make_safety_env`` -> SB3 ``Monitor`` ->
+``CostMonitor``), the same periodic evaluation (``evaluate_safe_policy`` on a separate env,
+deterministic actions) and the same bookkeeping; the algorithms differ by class and
+hyperparameters only. Each run writes into ``<out>/<env>/<algo>/seed<k>/``:
+
+- ``episodes.csv``: every training episode (env steps at its end, return, cost, violations, length);
+- ``curve.csv``: one row per evaluation (env steps, wall time, training return/cost/violations since
+  the previous row, cumulative training violations, eval return/cost/CVaR/violations);
+- ``summary.json``: written last, atomically; its presence marks the run finished.
+
+A finished run's summary is also appended to ``<out>/runs.jsonl``. Rerunning the same command
+skips finished runs and restarts unfinished ones from scratch, so a long grid can be resumed.
+
+Usage::
+
+    python benchmarks/run.py --quick                 # minutes, HazardPoint-v0, CI-sized
+    python benchmarks/run.py --full --workers 2      # hours; results/full, resumable
+    python benchmarks/run.py --quick --algos sac ppo_lag --budget 500 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: name -> (module, class). Swapping the algorithm swaps only this.
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "offtrc": ("sb3_offtrc.offtrc", "OffTRC"),
+    "sac": ("stable_baselines3", "SAC"),
+    "ppo": ("stable_baselines3", "PPO"),
+    "sac_lag": ("sb3_offtrc.lagrangian", "SACLagrangian"),
+    "ppo_lag": ("sb3_offtrc.lagrangian", "PPOLagrangian"),
+}
+#: algorithms that take ``cost_limit`` (the others only see it in the report)
+CONSTRAINED = {"offtrc", "sac_lag", "ppo_lag"}
+
+
+@dataclass
+class Block:
+    """One rectangle of the grid: every algo x env x seed in it runs at ``budget`` env steps."""
+
+    algos: list[str]
+    envs: list[str]
+    seeds: list[int]
+    budget: int
+
+
+@dataclass
+class Preset:
+    name: str
+    blocks: list[Block]
+    cost_limit: float  # per-step d; the episode limit is d * episode length
+    eval_freq: int
+    n_eval_episodes: int
+    cvar_alpha: float = 0.125
+    #: per-algorithm constructor kwargs (the cost limit is added for the constrained ones)
+    hyperparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_SMALL_NET = [64, 64]
+
+QUICK = Preset(
+    name="quick",
+    blocks=[Block(algos=list(ALGORITHMS), envs=["HazardPoint-v0"], seeds=[0], budget=8_000)],
+    cost_limit=0.025,  # HazardPoint: episode limit 2.5 hazard steps, straight line costs ~10
+    eval_freq=2_000,
+    n_eval_episodes=5,
+    hyperparams={
+        # small networks and short update intervals so that the whole grid fits CI time
+        "offtrc": {
+            "n_steps": 500,
+            "n_recent": 500,
+            "n_batch": 2_000,
+            "buffer_size": 8_000,
+            "n_critic_epochs": 20,
+            "max_kl": 0.01,
+            "policy_kwargs": {"net_arch": _SMALL_NET},
+        },
+        "sac": {"learning_starts": 500, "batch_size": 64, "policy_kwargs": {"net_arch": _SMALL_NET}},
+        "sac_lag": {
+            "learning_starts": 500,
+            "batch_size": 64,
+            "lagrangian_lr": 3e-3,
+            "policy_kwargs": {"net_arch": _SMALL_NET},
+        },
+        "ppo": {"n_steps": 1_000, "batch_size": 100, "policy_kwargs": {"net_arch": _SMALL_NET}},
+        "ppo_lag": {"n_steps": 1_000, "batch_size": 100, "policy_kwargs": {"net_arch": _SMALL_NET}},
+    },
+)
+
+FULL = Preset(
+    name="full",
+    blocks=[
+        # the issue's grid: native 0/1 cost, episode limit 25 (d = 0.025 x 1000 steps)
+        Block(algos=list(ALGORITHMS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+        Block(algos=list(ALGORITHMS), envs=["SafetyCarGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+        Block(algos=list(ALGORITHMS), envs=["OffTRC/HalfCheetahFlip-v4"], seeds=[0, 1, 2], budget=100_000),
+        # one longer OffTRC run to show the trend
+        Block(algos=["offtrc"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=10_000,
+    n_eval_episodes=10,
+    hyperparams={
+        # library defaults (OffTRC: the authors' settings), nothing tuned per environment
+        "offtrc": {},
+        "sac": {},
+        "sac_lag": {},
+        "ppo": {},
+        "ppo_lag": {},
+    },
+)
+
+PRESETS = {"quick": QUICK, "full": FULL}
+
+
+@dataclass
+class RunSpec:
+    preset: str
+    algo: str
+    env_id: str
+    seed: int
+    budget: int
+    cost_limit: float
+    eval_freq: int
+    n_eval_episodes: int
+    cvar_alpha: float
+    hyperparams: dict[str, Any]
+    out: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.env_id.replace("/", "_") / self.algo / f"seed{self.seed}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.env_id}/{self.algo}/seed{self.seed}"
+
+
+def expand(
+    preset: Preset,
+    out: Path,
+    algos: list[str] | None,
+    envs: list[str] | None,
+    seeds: list[int] | None,
+    budget: int | None,
+) -> list[RunSpec]:
+    specs = []
+    for block in preset.blocks:
+        for env_id in block.envs:
+            if envs and env_id not in envs:
+                continue
+            for algo in block.algos:
+                if algos and algo not in algos:
+                    continue
+                for seed in seeds if seeds is not None else block.seeds:
+                    specs.append(
+                        RunSpec(
+                            preset=preset.name,
+                            algo=algo,
+                            env_id=env_id,
+                            seed=seed,
+                            budget=budget or block.budget,
+                            cost_limit=preset.cost_limit,
+                            eval_freq=min(preset.eval_freq, budget or block.budget),
+                            n_eval_episodes=preset.n_eval_episodes,
+                            cvar_alpha=preset.cvar_alpha,
+                            hyperparams=preset.hyperparams.get(algo, {}),
+                            out=str(out),
+                        )
+                    )
+    # one key may be listed by two blocks (e.g. a longer run of the same seed): keep the first
+    seen: set[str] = set()
+    unique = []
+    for spec in specs:
+        if spec.key not in seen:
+            seen.add(spec.key)
+            unique.append(spec)
+    return unique
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def make_env(env_id: str, seed: int) -> Any:
+    """The one env construction every algorithm gets: task -> Monitor -> CostMonitor (outermost)."""
+    from stable_baselines3.common.monitor import Monitor
+
+    from sb3_offtrc.common.monitor import CostMonitor
+    from sb3_offtrc.envs import make_safety_env
+
+    env = CostMonitor(Monitor(make_safety_env(env_id)))
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    return env
+
+
+def episode_length(env: Any) -> int | None:
+    """The time limit of the episodes (the TimeLimit wrapper's, as the outer spec reports it)."""
+    steps = getattr(env.spec, "max_episode_steps", None)
+    return int(steps) if steps else None
+
+
+class CsvLog:
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.fields = fields
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields)
+        self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: row.get(k, "") for k in self.fields})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+EPISODE_FIELDS = ["env_steps", "wall_time", "return", "cost", "cv", "length"]
+CURVE_FIELDS = [
+    "env_steps",
+    "wall_time",
+    "train_time",
+    "train_episodes",
+    "train_return",
+    "train_cost",
+    "train_cv",
+    "train_cv_total",
+    "eval_return",
+    "eval_return_std",
+    "eval_cost",
+    "eval_cost_std",
+    "eval_cost_cvar",
+    "eval_cv",
+    "eval_violation_rate",
+]
+
+
+def _make_recorder(spec: RunSpec, eval_env: Any, episode_limit: float | None, episodes: CsvLog, curve: CsvLog) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from sb3_offtrc.common.evaluation import evaluate_safe_policy
+
+    class BenchRecorder(BaseCallback):
+        """Logs every training episode and evaluates every ``eval_freq`` env steps (and at 0 and the end)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = time.perf_counter()
+            self.eval_time = 0.0
+            self.next_eval = 0
+            self.pending: list[dict[str, float]] = []
+            self.n_episodes = 0
+            self.cv_total = 0.0
+            self.last_eval: dict[str, float] = {}
+
+        def _on_training_start(self) -> None:
+            self.start = time.perf_counter()
+            self.evaluate()
+
+        def _on_step(self) -> bool:
+            for info in self.locals.get("infos", []):
+                ep = info.get("episode")
+                if ep is not None:
+                    row = {
+                        "env_steps": self.num_timesteps,
+                        "wall_time": round(time.perf_counter() - self.start, 3),
+                        "return": float(ep["r"]),
+                        "cost": float(ep.get("c", math.nan)),
+                        "cv": float(ep.get("cv", math.nan)),
+                        "length": int(ep["l"]),
+                    }
+                    episodes.write(row)
+                    self.pending.append(row)
+                    self.n_episodes += 1
+                    self.cv_total += row["cv"]
+            if self.num_timesteps >= self.next_eval:
+                self.evaluate()
+            return True
+
+        def _on_training_end(self) -> None:
+            if not self.last_eval or self.last_eval["env_steps"] < self.num_timesteps:
+                self.evaluate()
+
+        def evaluate(self) -> None:
+            t0 = time.perf_counter()
+            result = evaluate_safe_policy(
+                self.model,
+                eval_env,
+                n_eval_episodes=spec.n_eval_episodes,
+                deterministic=True,
+                cvar_alpha=spec.cvar_alpha,
+                cost_limit=episode_limit,
+            )
+            self.eval_time += time.perf_counter() - t0
+            wall = time.perf_counter() - self.start
+            pending = self.pending
+            row = {
+                "env_steps": self.num_timesteps,
+                "wall_time": round(wall, 3),
+                "train_time": round(wall - self.eval_time, 3),
+                "train_episodes": self.n_episodes,
+                "train_return": np.mean([p["return"] for p in pending]) if pending else "",
+                "train_cost": np.mean([p["cost"] for p in pending]) if pending else "",
+                "train_cv": np.mean([p["cv"] for p in pending]) if pending else "",
+                "train_cv_total": self.cv_total,
+                "eval_return": result.mean_reward,
+                "eval_return_std": result.std_reward,
+                "eval_cost": result.mean_cost,
+                "eval_cost_std": result.std_cost,
+                "eval_cost_cvar": result.cost_cvar,
+                "eval_cv": result.mean_cv,
+                "eval_violation_rate": result.violation_rate,
+            }
+            curve.write(row)
+            self.pending = []
+            self.last_eval = {k: float(v) for k, v in row.items() if v != ""}
+            while self.next_eval <= self.num_timesteps:
+                self.next_eval += spec.eval_freq
+
+    return BenchRecorder()
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Train one (algo, env, seed) and return its summary (also written to ``summary.json``)."""
+    import torch as th
+
+    # one core per run: the grid runs `--workers` processes side by side
+    th.set_num_threads(1)
+    import stable_baselines3
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import sb3_offtrc
+
+    module, name = ALGORITHMS[spec.algo]
+    algo_class = getattr(importlib.import_module(module), name)
+
+    run_dir = spec.run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished earlier attempt: start it again from scratch
+    run_dir.mkdir(parents=True)
+
+    train_env = DummyVecEnv([lambda: make_env(spec.env_id, spec.seed)])
+    eval_env = DummyVecEnv([lambda: make_env(spec.env_id, spec.seed + 10_000)])
+    horizon = episode_length(train_env.envs[0])
+    episode_limit = spec.cost_limit * horizon if horizon else None
+
+    # a deep copy: SB3 writes into the policy_kwargs dict it is given
+    kwargs = copy.deepcopy(spec.hyperparams)
+    if spec.algo in CONSTRAINED:
+        kwargs["cost_limit"] = spec.cost_limit
+    model = algo_class("MlpPolicy", train_env, seed=spec.seed, device="cpu", verbose=0, **kwargs)
+
+    episodes = CsvLog(run_dir / "episodes.csv", EPISODE_FIELDS)
+    curve = CsvLog(run_dir / "curve.csv", CURVE_FIELDS)
+    recorder = _make_recorder(spec, eval_env, episode_limit, episodes, curve)
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    try:
+        model.learn(total_timesteps=spec.budget, callback=recorder)
+    finally:
+        episodes.close()
+        curve.close()
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
+    train_time = max(wall - recorder.eval_time, 1e-9)
+
+    summary = {
+        "key": spec.key,
+        "preset": spec.preset,
+        "algo": spec.algo,
+        "algo_class": f"{module}.{name}",
+        "env_id": spec.env_id,
+        "seed": spec.seed,
+        "budget": spec.budget,
+        "env_steps": int(model.num_timesteps),
+        "episode_length": horizon,
+        "cost_limit": spec.cost_limit,
+        "episode_cost_limit": episode_limit,
+        "wall_time": round(wall, 2),
+        "cpu_time": round(cpu, 2),
+        "eval_time": round(recorder.eval_time, 2),
+        "env_steps_per_s": round(model.num_timesteps / train_time, 2),
+        "train_episodes": recorder.n_episodes,
+        "train_cv_total": recorder.cv_total,
+        "final_eval": recorder.last_eval,
+        "hyperparams": spec.hyperparams,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": th.__version__,
+            "stable_baselines3": stable_baselines3.__version__,
+            "sb3_offtrc": sb3_offtrc.__version__,
+        },
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": th.get_num_threads()},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    tmp.replace(run_dir / "summary.json")
+    train_env.close()
+    eval_env.close()
+    return summary
+
+
+def _run_safely(spec: RunSpec) -> dict[str, Any]:
+    try:
+        return run_one(spec)
+    except Exception:  # one failing run must not take the rest of the grid down
+        return {"key": spec.key, "error": traceback.format_exc()}
+
+
+def finished(spec: RunSpec) -> bool:
+    path = spec.run_dir / "summary.json"
+    if not path.exists():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return bool(summary.get("budget") == spec.budget and summary.get("hyperparams") == spec.hyperparams)
+
+
+def available(algo: str) -> str | None:
+    """None when the algorithm's module imports, else the reason it does not."""
+    module, name = ALGORITHMS[algo]
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="CI-sized grid on HazardPoint-v0 (default)")
+    group.add_argument("--full", action="store_true", help="the documented grid (hours; resumable)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default benchmarks/results/<preset>)"
+    )
+    parser.add_argument("--algos", nargs="+", choices=list(ALGORITHMS), help="subset of algorithms")
+    parser.add_argument("--envs", nargs="+", help="subset of the preset's env ids")
+    parser.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
+    parser.add_argument("--budget", type=int, help="override the env-step budget of every run")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs in parallel (one process and one torch thread each)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+
+    preset = FULL if args.full else QUICK
+    out = args.out or RESULTS_DIR / preset.name
+    specs = expand(preset, out, args.algos, args.envs, args.seeds, args.budget)
+
+    todo: list[RunSpec] = []
+    for spec in specs:
+        reason = available(spec.algo)
+        if reason is not None:
+            print(f"skip {spec.key}: {spec.algo} not importable ({reason})", flush=True)
+        elif finished(spec):
+            print(f"done {spec.key} (finished earlier)", flush=True)
+        else:
+            todo.append(spec)
+    print(f"{len(todo)} run(s) to do, {len(specs) - len(todo)} skipped, results in {out}", flush=True)
+    if args.dry_run or not todo:
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(" ".join([Path(sys.executable).name, *sys.argv]) + "\n")
+    failures = 0
+    for summary in _map(todo, args.workers):
+        if "error" in summary:
+            failures += 1
+            print(f"FAILED {summary['key']}\n{summary['error']}", flush=True)
+            continue
+        with (out / "runs.jsonl").open("a") as f:
+            f.write(json.dumps(summary, default=float) + "\n")
+        final = summary["final_eval"]
+        print(
+            f"finished {summary['key']}: {summary['env_steps']} steps in {summary['wall_time']:.0f}s "
+            f"({summary['env_steps_per_s']:.0f} steps/s), eval return {final.get('eval_return', math.nan):.2f} "
+            f"cost {final.get('eval_cost', math.nan):.2f}",
+            flush=True,
+        )
+    return 1 if failures else 0
+
+
+def _map(specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
+    if workers <= 1:
+        for spec in specs:
+            yield _run_safely(spec)
+        return
+    # spawn: no torch / MuJoCo state inherited from the parent; one run per child process
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes=workers, maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(_run_safely, specs)
+
+
+if __name__ == "__main__":
+    # the script lives outside the package; make `import sb3_offtrc` work from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    sys.exit(main())

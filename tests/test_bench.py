@@ -1,0 +1,107 @@
+"""Smoke test of the benchmark harness: benchmarks/run.py + report.py on a tiny grid."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _offtrc_importable() -> bool:
+    try:
+        importlib.import_module("sb3_offtrc.offtrc")
+    except ImportError:
+        return False
+    return True
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_steps_until_cost_stays_under_limit() -> None:
+    report = _load("report")
+    curve = pd.DataFrame({"env_steps": [0, 100, 200, 300, 400], "eval_cost": [0.0, 5.0, 1.0, 3.0, 2.0]})
+    assert report.steps_until_under_limit(curve, 2.5) == 400
+    assert report.steps_until_under_limit(curve, 10.0) == 0
+    assert np.isnan(report.steps_until_under_limit(curve, 1.5))  # the last eval is above: never
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    algos = ["sac", "ppo_lag"] + (["offtrc"] if _offtrc_importable() else [])
+    proc = _run("benchmarks/run.py", "--quick", "--algos", *algos, "--budget", "600", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run("benchmarks/report.py", "--results", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_run_writes_consistent_per_run_records(bench_dir: Path) -> None:
+    lines = (bench_dir / "runs.jsonl").read_text().splitlines()
+    summaries = {s["algo"]: s for s in map(json.loads, lines)}
+    expected = {"sac", "ppo_lag"} | ({"offtrc"} if _offtrc_importable() else set())
+    assert set(summaries) == expected
+    for algo, summary in summaries.items():
+        run_dir = bench_dir / "HazardPoint-v0" / algo / "seed0"
+        assert json.loads((run_dir / "summary.json").read_text()) == summary
+        assert summary["env_steps"] >= 600 and summary["wall_time"] > 0 and summary["env_steps_per_s"] > 0
+        assert summary["episode_length"] == 100 and summary["episode_cost_limit"] == pytest.approx(2.5)
+
+        episodes = pd.read_csv(run_dir / "episodes.csv")
+        # HazardPoint never terminates: every episode is 100 steps and ends on a multiple of 100
+        assert len(episodes) == summary["env_steps"] // 100
+        assert (episodes["length"] == 100).all()
+        assert (episodes["env_steps"] % 100 == 0).all()
+        assert episodes["cv"].sum() == summary["train_cv_total"]
+        assert (episodes["cost"] >= 0).all()
+
+        curve = pd.read_csv(run_dir / "curve.csv")
+        assert curve["env_steps"].iloc[0] == 0 and curve["env_steps"].iloc[-1] == summary["env_steps"]
+        assert curve["env_steps"].is_monotonic_increasing
+        # the CVaR of episode costs is the mean of the worst tail, never below the mean
+        assert (curve["eval_cost_cvar"] >= curve["eval_cost"] - 1e-9).all()
+        assert curve["train_cv_total"].iloc[-1] == summary["train_cv_total"]
+
+
+def test_report_writes_table_and_png(bench_dir: Path) -> None:
+    report = (bench_dir / "report.md").read_text()
+    assert "### HazardPoint-v0" in report
+    assert "| SAC | 1 |" in report and "| PPO-Lag | 1 |" in report
+    png = bench_dir / "curves_HazardPoint-v0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "![curves_HazardPoint-v0](curves_HazardPoint-v0.png)" in report
+
+
+def test_rerun_skips_finished_runs(bench_dir: Path) -> None:
+    summary = bench_dir / "HazardPoint-v0" / "sac" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    proc = _run("benchmarks/run.py", "--quick", "--algos", "sac", "--budget", "600", "--out", str(bench_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "finished earlier" in proc.stdout and "0 run(s) to do" in proc.stdout
+    assert summary.stat().st_mtime_ns == before
+    assert len((bench_dir / "runs.jsonl").read_text().splitlines()) == (3 if _offtrc_importable() else 2)
