@@ -16,8 +16,8 @@ SAFETY_GYMNASIUM_SPEC ?= safety-gymnasium==1.0.0
 EXTRAS ?= safety,video,zoo,dev
 # Headless rendering for Safety-Gymnasium (Mesa's EGL works without a display or GPU).
 export MUJOCO_GL ?= egl
-# Keep torch from oversubscribing the cores that pytest-xdist workers already share.
-export OMP_NUM_THREADS ?= 1
+# Tests: one torch thread per pytest-xdist worker, so the workers do not oversubscribe the cores.
+TEST_ENV := SB3_OFFTRC_REQUIRE_SAFETY=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 PYTEST_ARGS ?= -m "not slow" -n 2 --timeout=900 --durations=15
 DEMO_ARGS ?= --algo offtrc --env SafetyPointGoal1-v0 --timesteps 20000 --progress-bar --out runs/demo
@@ -61,10 +61,10 @@ demo: setup ## train OffTRC on SafetyPointGoal1-v0 (short budget) and print wher
 	$(PY) -m sb3_offtrc train $(DEMO_ARGS)
 
 test: setup ## run the test suite without the slow learning checks (what CI runs)
-	SB3_OFFTRC_REQUIRE_SAFETY=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: setup ## run every test, the slow learning checks included
-	SB3_OFFTRC_REQUIRE_SAFETY=1 $(PY) -m pytest -n 2 --timeout=3600 --durations=15
+	$(TEST_ENV) $(PY) -m pytest -n 2 --timeout=3600 --durations=15
 
 lint: setup ## ruff (lint + format check) and mypy on the package; runs all three, fails if any fails
 	@status=0; \
