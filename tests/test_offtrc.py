@@ -208,6 +208,8 @@ def test_save_load_round_trip(tmp_path: Any) -> None:
         strict=True,
     ):
         assert {id(p) for p in critic.parameters()} == {id(p) for g in opt.param_groups for p in g["params"]}
+    without_env = OffTRC.load(tmp_path / "m.zip")  # like SB3: predict works without an env
+    np.testing.assert_array_equal(without_env.predict(obs, deterministic=True)[0], before)
     loaded.load_replay_buffer(tmp_path / "buf.pkl")
     assert isinstance(loaded.replay_buffer, CostReplayBuffer)
     np.testing.assert_array_equal(loaded.replay_buffer.costs, model.replay_buffer.costs)

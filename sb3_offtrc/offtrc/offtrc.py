@@ -152,13 +152,14 @@ class OffTRC(OffPolicyAlgorithm):
             sde_support=False,
             supported_action_spaces=None,  # checked below with a clearer message
         )
-        if self.action_space is not None and not isinstance(self.action_space, spaces.Box):
+        # OffTRC.load() builds the model without an env: the spaces then come from the saved data.
+        if getattr(self, "action_space", None) is not None and not isinstance(self.action_space, spaces.Box):
             raise ValueError(
                 f"OffTRC needs a continuous (Box) action space, got {self.action_space}. Its policy is a "
                 "Gaussian whose density must be recorded for every transition; for discrete actions use "
                 "e.g. PPO/PPOLagrangian, or wrap the env with a continuous parametrisation of the actions."
             )
-        if self.observation_space is not None and isinstance(self.observation_space, spaces.Dict):
+        if isinstance(getattr(self, "observation_space", None), spaces.Dict):
             raise ValueError("OffTRC supports Box observations; flatten Dict observations with FlattenObservation")
         self.n_steps = n_steps  # OffPolicyAlgorithm's n-step returns are not used (n_steps=1 there)
         self.n_recent = n_recent
@@ -186,12 +187,13 @@ class OffTRC(OffPolicyAlgorithm):
     def _check_hyperparameters(self) -> None:
         k_alpha = cvar_coefficient(self.cvar_alpha)  # validates alpha
         del k_alpha
+        n_envs = getattr(self, "n_envs", 1)  # unknown until an env is set (OffTRC.load without env)
         for name in ("n_steps", "n_recent", "n_batch"):
             value = getattr(self, name)
-            if value <= 0 or value % self.n_envs != 0:
+            if value <= 0 or value % n_envs != 0:
                 raise ValueError(
-                    f"{name}={value} must be a positive multiple of the number of env copies ({self.n_envs}): "
-                    f"it counts transitions over all copies, e.g. {name}={max(1, value // self.n_envs) * self.n_envs}"
+                    f"{name}={value} must be a positive multiple of the number of env copies ({n_envs}): "
+                    f"it counts transitions over all copies, e.g. {name}={max(1, value // n_envs) * n_envs}"
                 )
         if self.n_recent > self.n_batch:
             raise ValueError(f"n_recent={self.n_recent} cannot exceed n_batch={self.n_batch}")
