@@ -6,7 +6,7 @@ Safety-Gymnasium 1.0.0 pins ``gymnasium==0.28.1``, ``mujoco==2.3.3``, ``pygame==
 ``gymnasium-robotics==1.2.2``; pip cannot resolve those pins next to stable-baselines3 2.9, so the
 supported install puts it in with ``--no-deps`` (see the Makefile). Its single-agent navigation
 tasks run fine on gymnasium 0.29 and mujoco 3.x, but a plain ``import safety_gymnasium`` fails
-twice before any task is built:
+twice before any task is built, and rendering fails on MuJoCo >= 3.2:
 
 1. Python 3.11 rejects a dataclass field whose default is unhashable (``ValueError: mutable
    default <class 'numpy.ndarray'> for field color``). Safety-Gymnasium's geom/mocap classes use
@@ -20,18 +20,17 @@ twice before any task is built:
    ``sys.modules`` for the duration of the import; the stub class raises a clear error if a
    multi-agent task is ever constructed, and the stub is removed again afterwards so nothing
    else believes ``gymnasium_robotics`` is installed.
-
-Both patches are scoped to the import of ``safety_gymnasium`` itself and undone when it finishes.
-
 3. Rendering (``render_mode="rgb_array"``) goes through gymnasium 0.29.1's
    ``BaseRender._add_marker_to_scene``, which writes ``MjvGeom.texid``; MuJoCo 3.2 removed that
    field (textures moved to materials), so every frame with a marker -- Safety-Gymnasium draws
    lidar and goal markers on each one -- fails with ``AttributeError``. On such MuJoCo versions
    :func:`patch_marker_rendering` replaces that one method by one that fills the geom with
-   ``mujoco.mjv_initGeom`` (public API, defaults matching MuJoCo's own) and then applies the
-   marker's fields as gymnasium does. This patch is global and stays: it only replaces a method
-   that cannot work on the installed MuJoCo. ``render_mode="human"`` (a window, never used
-   here) still reads ``MjData.solver_iter`` and is left unsupported on MuJoCo >= 3.2.
+   ``mujoco.mjv_initGeom`` (public API, MuJoCo's own defaults) and then applies the marker's
+   fields as gymnasium does. ``render_mode="human"`` (a window, never used here) still reads
+   ``MjData.solver_iter`` and is left unsupported on MuJoCo >= 3.2.
+
+Patches 1 and 2 are scoped to the import of ``safety_gymnasium`` and undone when it finishes.
+Patch 3 is global and stays: it only replaces a method that cannot work on the installed MuJoCo.
 """
 
 from __future__ import annotations
@@ -198,7 +197,7 @@ def _add_marker_to_scene(self: Any, marker: dict[str, Any]) -> None:
             field = getattr(geom, key)
             field[:] = np.asarray(value).reshape(field.shape)
         elif hasattr(geom, key):
-            # enums such as mjtGeom are not ints on MuJoCo >= 3.2; the geom fields are
+            # enums such as mjtGeom are no longer ints on MuJoCo >= 3.2, while the geom fields are
             setattr(geom, key, value if isinstance(value, float) else int(value))
         else:
             raise ValueError(f"mjvGeom has no field {key!r}")
@@ -215,6 +214,7 @@ def patch_marker_rendering() -> bool:
 
     if hasattr(mujoco.MjvGeom, "texid"):
         return False
+    # Idempotent: assigning the same function again changes nothing.
     mujoco_rendering.BaseRender._add_marker_to_scene = _add_marker_to_scene  # type: ignore[method-assign]
     return True
 
@@ -229,6 +229,7 @@ def import_safety_gymnasium() -> types.ModuleType:
     """
     loaded = sys.modules.get(_PACKAGE)
     if loaded is not None:
+        patch_marker_rendering()
         return loaded
     missing = missing_safety_modules()
     if missing:
@@ -236,6 +237,7 @@ def import_safety_gymnasium() -> types.ModuleType:
     with _lock:
         loaded = sys.modules.get(_PACKAGE)
         if loaded is not None:
+            patch_marker_rendering()
             return loaded
         with _array_defaults_allowed(), _robotics_stub_if_missing():
             try:
