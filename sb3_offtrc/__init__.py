@@ -16,6 +16,7 @@ _LAZY = {
     "OffTRC": "sb3_offtrc.offtrc",
     "OffTRCPolicy": "sb3_offtrc.offtrc",
     "CostReplayBuffer": "sb3_offtrc.offtrc",
+    "get_preset": "sb3_offtrc.offtrc",
     "CostMonitor": "sb3_offtrc.common.monitor",
     "CostLoggerCallback": "sb3_offtrc.common.monitor",
     "evaluate_safe_policy": "sb3_offtrc.common.evaluation",

@@ -162,6 +162,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cls = algo_class(args.algo)
     constrained = ALGOS[args.algo][2]
     hyperparams = parse_hyperparams(args.hyperparams or [])
+    if args.preset is not None:
+        if args.algo != "offtrc":
+            print("--preset applies to --algo offtrc only", file=sys.stderr)
+            return 2
+        from sb3_offtrc import get_preset
+
+        hyperparams = {**get_preset(args.preset), **hyperparams}  # explicit overrides win
     out = args.out
     os.makedirs(out, exist_ok=True)
     tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
@@ -449,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-envs", type=int, default=1)
     train.add_argument("--subproc", action="store_true", help="SubprocVecEnv instead of DummyVecEnv")
     train.add_argument("--hyperparams", nargs="*", metavar="KEY=VALUE", help="constructor overrides")
+    train.add_argument(
+        "--preset", choices=("paper", "cpu"), default=None, help="OffTRC hyperparameter preset (docs/speed.md)"
+    )
     train.add_argument("--progress-bar", action="store_true")
     train.add_argument("--tensorboard-log", default=None, help="default: OUT/tb")
     train.add_argument("--checkpoint-freq", type=int, default=0, help="env steps between checkpoints (0: none)")

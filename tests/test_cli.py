@@ -132,7 +132,6 @@ def test_module_entry_point_help() -> None:
     assert all(cmd in result.stdout for cmd in ("train", "eval", "record", "plot"))
 
 
-@pytest.mark.skipif(not _has("sb3_offtrc.offtrc"), reason="sb3_offtrc.offtrc not written yet")
 def test_train_offtrc(tmp_path) -> None:
     out = str(tmp_path / "offtrc")
     hp = ["n_steps=100", "n_recent=100", "n_batch=200", "buffer_size=1000", "n_critic_epochs=2",
@@ -142,6 +141,19 @@ def test_train_offtrc(tmp_path) -> None:
     with open(os.path.join(out, "config.json")) as handle:
         assert json.load(handle)["cost_limit"] == 0.025
     assert main(["eval", out, "--episodes", "2"]) == 0
+
+
+def test_train_offtrc_preset_with_overrides(tmp_path) -> None:
+    from sb3_offtrc import OffTRC
+
+    out = str(tmp_path / "preset")
+    hp = ["n_steps=100", "n_recent=100", "n_batch=200", "n_critic_epochs=1"]
+    assert main(["train", "--algo", "offtrc", "--preset", "cpu", "--timesteps", "100", "--out", out,
+                 "--hyperparams", *hp]) == 0  # fmt: skip
+    model = OffTRC.load(os.path.join(out, "model.zip"))
+    assert model.policy.net_arch == {"pi": [128, 128], "vf": [128, 128]}  # from the preset
+    assert model.n_critic_epochs == 1  # the explicit override wins
+    assert main(["train", "--algo", "sac", "--preset", "cpu", "--timesteps", "10", "--out", out]) == 2
 
 
 @pytest.mark.parametrize("algo", ["sac_lag", "ppo_lag"])

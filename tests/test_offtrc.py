@@ -329,3 +329,24 @@ def test_failed_line_search_restores_parameters_exactly() -> None:
     assert th.equal(th.nn.utils.parameters_to_vector(params), theta)
     tries, failed, kl, _ = model._line_search(params, huge * 1e-9, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
     assert not failed and tries == 1 and kl <= 1.0
+
+
+def test_paper_preset_is_the_constructor_default() -> None:
+    import inspect
+
+    from sb3_offtrc import get_preset
+    from sb3_offtrc.offtrc.policies import OffTRCPolicy
+
+    paper = get_preset("paper")
+    defaults = inspect.signature(OffTRC.__init__).parameters
+    for key, value in paper.items():
+        if key == "policy_kwargs":
+            policy = OffTRCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2,)), lambda _: 1e-3)
+            assert [m.out_features for m in policy.actor.body if isinstance(m, th.nn.Linear)] == value["net_arch"]
+        else:
+            assert defaults[key].default == value, key
+    cpu = get_preset("cpu")
+    cpu["n_batch"] = -1  # a copy: the registry itself is not modified
+    assert get_preset("cpu")["n_batch"] == 5000
+    with pytest.raises(ValueError, match="available"):
+        get_preset("gpu")

@@ -3,5 +3,6 @@
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.offtrc import OffTRC
 from sb3_offtrc.offtrc.policies import MlpPolicy, OffTRCPolicy
+from sb3_offtrc.offtrc.presets import PRESETS, get_preset
 
-__all__ = ["CostReplayBuffer", "MlpPolicy", "OffTRC", "OffTRCPolicy", "WindowBatch"]
+__all__ = ["PRESETS", "CostReplayBuffer", "MlpPolicy", "OffTRC", "OffTRCPolicy", "WindowBatch", "get_preset"]

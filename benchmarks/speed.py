@@ -1,0 +1,175 @@
+"""Speed of OffTRC next to SB3 SAC, the environment's own rate and the machine's GEMM rate.
+
+    python benchmarks/speed.py                 # SafetyPointGoal1-v0, paper defaults and CPU preset
+    python benchmarks/speed.py --quick         # fewer steps (a smoke run, numbers are noisier)
+    python benchmarks/speed.py --batch-scaling # also time one update at n_batch 2.5k/5k/10k/20k
+
+Prints a table, writes ``benchmarks/results/speed.json`` and ends with the line
+``offtrc_preset/sac throughput ratio: <x>``. Throughputs are env steps per wall-clock second of
+training (collection and updates), measured in steady state (the replay buffer already holds
+``n_batch`` transitions). The matmul FLOPs of one update are counted with torch's FlopCounterMode
+and divided by the update's wall time, next to the GEMM rate measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gemm_rate(size: int = 2048, repeats: int = 20) -> float:
+    """Best fp32 matmul rate in GFLOP/s over square and critic-shaped products."""
+    best = 0.0
+    for m, k, n in ((size, size, size), (5000, 512, 512)):
+        a, b = th.randn(m, k), th.randn(k, n)
+        th.mm(a, b)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            th.mm(a, b)
+        elapsed = time.perf_counter() - start
+        best = max(best, 2.0 * m * k * n * repeats / elapsed / 1e9)
+    return best
+
+
+def make_env(env_id: str) -> Any:
+    import gymnasium as gym
+
+    import sb3_offtrc.envs as envs
+
+    return gym.make(envs.resolve_env_id(env_id))
+
+
+def raw_env_rate(env_id: str, steps: int) -> float:
+    env = make_env(env_id)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        *_, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def timed_learn(model: Any, steps: int) -> float:
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    return steps / (time.perf_counter() - start)
+
+
+def sac_rate(env_id: str, steps: int) -> float:
+    from stable_baselines3 import SAC
+
+    model = SAC("MlpPolicy", make_env(env_id), learning_starts=100, seed=0)
+    model.learn(200)  # past warm-up: from here on one gradient step per env step
+    return timed_learn(model, steps)
+
+
+def update_profile(model: Any) -> tuple[float, float]:
+    """Wall time and matmul FLOPs of one full OffTRC update on a fresh batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    buffer = model.replay_buffer
+    n_envs = model.n_envs
+    batch = buffer.sample_windows(model.n_recent // n_envs, (model.n_batch - model.n_recent) // n_envs)
+    start = time.perf_counter()
+    model._update(batch)
+    elapsed = time.perf_counter() - start
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model._update(batch)
+    return elapsed, float(counter.get_total_flops())
+
+
+def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, float]:
+    from sb3_offtrc import OffTRC
+
+    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
+    epochs = model.n_critic_epochs
+    model.n_critic_epochs = 1  # fill the buffer cheaply; the timed part runs the real configuration
+    model.learn(model.n_batch)
+    model.n_critic_epochs = epochs
+    update_s, flops = update_profile(model)
+    return {"steps_per_s": timed_learn(model, steps), "update_s": update_s, "update_gflop": flops / 1e9}
+
+
+def batch_scaling(env_id: str, params: dict[str, Any]) -> list[dict[str, float]]:
+    from sb3_offtrc import OffTRC
+
+    rows = []
+    for n_batch in (2500, 5000, 10_000, 20_000):
+        cfg = {**params, "n_batch": n_batch, "buffer_size": max(50_000, n_batch)}
+        model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **cfg)
+        epochs = model.n_critic_epochs
+        model.n_critic_epochs = 1
+        model.learn(n_batch)
+        model.n_critic_epochs = epochs
+        seconds, flops = update_profile(model)
+        rows.append({"n_batch": n_batch, "update_s": seconds, "update_gflop": flops / 1e9})
+    return rows
+
+
+def main() -> None:
+    from sb3_offtrc import get_preset
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="SafetyPointGoal1-v0")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    parser.add_argument("--batch-scaling", action="store_true", help="time one update for n_batch 2.5k..20k")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=str(RESULTS / "speed.json"))
+    args = parser.parse_args()
+    if args.threads:
+        th.set_num_threads(args.threads)
+
+    steps = 1000 if args.quick else 3000
+    result: dict[str, Any] = {
+        "env": args.env,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": th.get_num_threads(), "python": platform.python_version(),
+                    "torch": th.__version__},
+    }  # fmt: skip
+    result["gemm_gflops"] = gemm_rate()
+    result["env_steps_per_s"] = raw_env_rate(args.env, 2000 if args.quick else 10_000)
+    result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000)
+    result["offtrc_paper"] = offtrc_rate(args.env, get_preset("paper"), steps)
+    result["offtrc_cpu"] = offtrc_rate(args.env, get_preset("cpu"), steps)
+    if args.batch_scaling:
+        result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"))
+
+    gemm, env_rate, sac = result["gemm_gflops"], result["env_steps_per_s"], result["sac_steps_per_s"]
+    print(f"machine fp32 GEMM rate          : {gemm:8.1f} GFLOP/s ({th.get_num_threads()} torch threads)")
+    print(f"{args.env} random actions: {env_rate:8.1f} env steps/s")
+    print(f"SB3 SAC (default MlpPolicy)     : {sac:8.1f} env steps/s")
+    for key, label in (("offtrc_paper", "OffTRC paper defaults"), ("offtrc_cpu", "OffTRC CPU preset")):
+        row = result[key]
+        rate = row["update_gflop"] / row["update_s"]
+        row["update_gflops"] = rate
+        row["fraction_of_gemm"] = rate / gemm
+        print(
+            f"{label:<32}: {row['steps_per_s']:8.1f} env steps/s  ({row['steps_per_s'] / sac:.2f}x SAC, "
+            f"{row['steps_per_s'] / env_rate:.0%} of env rate); one update {row['update_s']:.2f} s, "
+            f"{row['update_gflop']:.0f} GFLOP, {rate:.1f} GFLOP/s = {rate / gemm:.0%} of GEMM rate"
+        )
+    for row in result.get("batch_scaling_paper", []):
+        print(
+            f"  paper defaults n_batch={row['n_batch']:>6}: update {row['update_s']:.2f} s, {row['update_gflop']:.0f} GFLOP"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    print(f"offtrc_preset/sac throughput ratio: {result['offtrc_cpu']['steps_per_s'] / sac:.2f}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
