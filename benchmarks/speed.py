@@ -135,9 +135,13 @@ def main() -> None:
     steps = 1000 if args.quick else 3000
     result: dict[str, Any] = {
         "env": args.env,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": th.get_num_threads(), "python": platform.python_version(),
-                    "torch": th.__version__},
-    }  # fmt: skip
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": th.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": th.__version__,
+        },
+    }
     result["gemm_gflops"] = gemm_rate()
     result["env_steps_per_s"] = raw_env_rate(args.env, 2000 if args.quick else 10_000)
     result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000)
@@ -161,9 +165,8 @@ def main() -> None:
             f"{row['update_gflop']:.0f} GFLOP, {rate:.1f} GFLOP/s = {rate / gemm:.0%} of GEMM rate"
         )
     for row in result.get("batch_scaling_paper", []):
-        print(
-            f"  paper defaults n_batch={row['n_batch']:>6}: update {row['update_s']:.2f} s, {row['update_gflop']:.0f} GFLOP"
-        )
+        n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
+        print(f"  paper defaults n_batch={n_batch:>6}: update {seconds:.2f} s, {gflop:.0f} GFLOP")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
