@@ -134,6 +134,7 @@ def test_zoo_optimize_two_workers_share_sqlite(tmp_path: Path) -> None:
     import optuna
 
     from sb3_offtrc.zoo.objective import TRIAL_ATTRS
+    from sb3_offtrc.zoo.samplers import NET_ARCHS
 
     conf = _write_conf(tmp_path / "tiny.yml", {"HazardPoint-v0": {**TINY_OFFTRC, "n_timesteps": 200}})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -165,6 +166,9 @@ def test_zoo_optimize_two_workers_share_sqlite(tmp_path: Path) -> None:
         over = max(attrs["eval_cost"] - 2.5, 0.0)
         assert trial.value == pytest.approx(attrs["eval_return"] - 5.0 * over)
         assert set(trial.params) == {"max_kl", "learning_rate", "n_critic_epochs", "n_batch_factor", "net_arch"}
+        # the sampled hyperparameters as they went into the model, ready for a hyperparameter file
+        assert attrs["hyperparams"]["n_batch"] == 100 * trial.params["n_batch_factor"]
+        assert attrs["hyperparams"]["policy_kwargs"]["net_arch"] == NET_ARCHS[trial.params["net_arch"]]
         # the constrained value was also reported for pruning
         assert trial.intermediate_values == {1: pytest.approx(trial.value)}
     assert any("Best feasible trial" in out or "No complete trial met" in out for out in outputs)

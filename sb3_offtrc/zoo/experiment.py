@@ -88,6 +88,17 @@ def episode_horizon(env: gym.Env) -> int | None:
     return found
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with everything a storage cannot hold as JSON (classes, functions) as its repr."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return getattr(value, "__name__", repr(value))
+
+
 def algo_default(algo_class: type, name: str) -> Any:
     """Default value of constructor argument ``name`` (``None`` when it has none)."""
     parameter = inspect.signature(algo_class).parameters.get(name)
@@ -230,6 +241,8 @@ class SafeExperimentManager(ExperimentManager):
         }
         sampled = HYPERPARAMS_SAMPLER[self.algo](trial, self.n_actions, self.n_envs, additional_args)
         kwargs.update(sampled)
+        # what to paste into a hyperparameter file (params hold the raw choices, e.g. n_batch_factor)
+        trial.set_user_attr("hyperparams", _json_safe(sampled))
 
         env = self.create_envs(self.n_envs, no_log=True)
         model = ALGOS[self.algo](
@@ -354,7 +367,7 @@ class SafeExperimentManager(ExperimentManager):
                     f"Best feasible trial: {feasible.number} (return {attrs.get('eval_return')}, "
                     f"episode cost {attrs.get('eval_cost')} <= {attrs.get('episode_cost_limit')})"
                 )
-                for key, value in feasible.params.items():
+                for key, value in attrs.get("hyperparams", feasible.params).items():
                     print(f"    {key}: {value}")
         name = f"report_{self.env_name}_{study.study_name}_{int(time.time())}.csv".replace("/", "-")
         path = os.path.join(self.log_folder, self.algo, name)
