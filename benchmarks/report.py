@@ -7,7 +7,9 @@ next to them:
   cost (bottom) against env steps, mean ± std over seeds, the episode cost limit dashed;
 - ``report.md``: per env and algorithm, over seeds (mean ± std): final eval return, final eval
   episode cost and its CVaR, total training-time constraint violations, env steps until the eval
-  cost stays under the limit, training env-steps per second.
+  cost stays under the limit, training env-steps per wall-clock second and per CPU second of the
+  run's process (evaluation excluded), and the CPU-second rate relative to SAC's on the same env
+  (the CPU figure is the steadier one on a shared machine).
 
 Usage::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -90,46 +93,66 @@ def _steps_cell(values: list[float]) -> str:
     return f"{text} ({never}/{arr.size} never)" if never else text
 
 
+def _cpu_rate(run: Run) -> float:
+    return float(run.summary.get("env_steps_per_cpu_s", math.nan))
+
+
+COLUMNS = [
+    "algorithm",
+    "seeds",
+    "env steps",
+    "final return",
+    "final episode cost",
+    "final cost CVaR",
+    "training violations (total)",
+    "steps until eval cost stays ≤ limit",
+    "env-steps/s",
+    "env-steps/CPU-s",
+    "× SAC speed (CPU)",
+    "wall time (s)",
+]
+
+
+def _row(algo: str, group: list[Run], limit: float | None, sac_rate: float) -> list[str]:
+    finals = [r.summary["final_eval"] for r in group]
+    cpu_rates = [_cpu_rate(r) for r in group]
+    return [
+        LABELS.get(algo, algo),
+        str(len(group)),
+        f"{int(np.mean([r.summary['env_steps'] for r in group])):,}",
+        _mean_std([f["eval_return"] for f in finals]),
+        _mean_std([f["eval_cost"] for f in finals]),
+        _mean_std([f["eval_cost_cvar"] for f in finals]),
+        _mean_std([float(r.summary["train_cv_total"]) for r in group], "{:,.0f}"),
+        _steps_cell([steps_until_under_limit(r.curve, limit) for r in group]),
+        _mean_std([r.summary["env_steps_per_s"] for r in group], "{:,.0f}"),
+        _mean_std(cpu_rates, "{:,.0f}"),
+        "–" if math.isnan(sac_rate) else f"{np.mean(cpu_rates) / sac_rate:.2f}",
+        _mean_std([r.summary["wall_time"] for r in group], "{:,.0f}"),
+    ]
+
+
 def table(runs: list[Run]) -> str:
     lines = []
     for env_id in sorted({r.env_id for r in runs}):
         env_runs = [r for r in runs if r.env_id == env_id]
         first = env_runs[0].summary
         limit = first.get("episode_cost_limit")
-        lines.append(f"### {env_id}")
-        lines.append("")
-        lines.append(
+        sac_rates = [_cpu_rate(r) for r in env_runs if r.algo == "sac"]
+        sac_rate = float(np.mean(sac_rates)) if sac_rates else math.nan
+        lines += [
+            f"### {env_id}",
+            "",
             f"Episode cost limit {limit} (d = {first['cost_limit']} per step x {first['episode_length']} steps). "
-            "Final = last evaluation, deterministic policy; mean ± std over seeds."
-        )
-        lines.append("")
-        lines.append(
-            "| algorithm | seeds | env steps | final return | final episode cost | final cost CVaR | "
-            "training violations (total) | steps until eval cost stays ≤ limit | env-steps/s | wall time (s) |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+            "Final = last evaluation, deterministic policy; mean ± std over seeds.",
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "---|" * len(COLUMNS),
+        ]
         algos = sorted({r.algo for r in env_runs}, key=lambda a: ALGO_ORDER.index(a) if a in ALGO_ORDER else 99)
         for algo in algos:
             group = [r for r in env_runs if r.algo == algo]
-            finals = [r.summary["final_eval"] for r in group]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        LABELS.get(algo, algo),
-                        str(len(group)),
-                        f"{int(np.mean([r.summary['env_steps'] for r in group])):,}",
-                        _mean_std([f["eval_return"] for f in finals]),
-                        _mean_std([f["eval_cost"] for f in finals]),
-                        _mean_std([f["eval_cost_cvar"] for f in finals]),
-                        _mean_std([float(r.summary["train_cv_total"]) for r in group], "{:,.0f}"),
-                        _steps_cell([steps_until_under_limit(r.curve, limit) for r in group]),
-                        _mean_std([r.summary["env_steps_per_s"] for r in group], "{:,.0f}"),
-                        _mean_std([r.summary["wall_time"] for r in group], "{:,.0f}"),
-                    ]
-                )
-                + " |"
-            )
+            lines.append("| " + " | ".join(_row(algo, group, limit, sac_rate)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -216,10 +239,28 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     return written
 
 
+def update_doc(doc: Path, name: str, body: str) -> None:
+    """Replace what lies between ``<!-- BEGIN report:<name> -->`` and ``<!-- END report:<name> -->`` in ``doc``."""
+    begin, end = f"<!-- BEGIN report:{name} -->", f"<!-- END report:{name} -->"
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} has no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quick", help="a run.py results directory")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the results directory)")
+    parser.add_argument(
+        "--update-doc",
+        type=Path,
+        default=None,
+        help="also paste the table and figures into this markdown file, between "
+        "<!-- BEGIN report:NAME --> and <!-- END report:NAME --> (NAME = the results directory's name)",
+    )
     args = parser.parse_args(argv)
     runs = load_runs(args.results)
     if not runs:
@@ -228,14 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, out)
-    command = (args.results / "command.txt").read_text().strip() if (args.results / "command.txt").exists() else None
-    header = ["# Benchmark results", ""]
+    command_file = args.results / "command.txt"
+    command = command_file.read_text().strip() if command_file.exists() else None
+    provenance = ""
     if command:
         report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
-        header += [f"Produced by `{command}` (its last invocation), then `{report_cmd}`.", ""]
-    report = "\n".join(header) + table(runs) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
+        provenance = f"Produced by `{command}` (its last invocation), then `{report_cmd}`.\n\n"
+    body = provenance + table(runs)
+    report = "# Benchmark results\n\n" + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
     (out / "report.md").write_text(report)
     print(report)
+    if args.update_doc is not None:
+        doc_dir = args.update_doc.resolve().parent
+        figures = "".join(f"![{p.stem}]({os.path.relpath(p.resolve(), doc_dir)})\n" for p in pngs)
+        update_doc(args.update_doc, args.results.resolve().name, body + "\n" + figures)
     return 0
 
 

@@ -50,6 +50,16 @@ def test_steps_until_cost_stays_under_limit() -> None:
     assert np.isnan(report.steps_until_under_limit(curve, 1.5))  # the last eval is above: never
 
 
+def test_update_doc_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    report = _load("report")
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- BEGIN report:quick -->\nold\n<!-- END report:quick -->\noutro\n")
+    report.update_doc(doc, "quick", "new table\n")
+    assert doc.read_text() == "intro\n<!-- BEGIN report:quick -->\nnew table\n<!-- END report:quick -->\noutro\n"
+    with pytest.raises(SystemExit):
+        report.update_doc(doc, "full", "x")
+
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
