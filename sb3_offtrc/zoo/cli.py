@@ -32,10 +32,27 @@ USAGE = f"usage: python -m sb3_offtrc.zoo {{{','.join(COMMANDS)}}} [rl-zoo3 flag
 
 def constraint_parser() -> argparse.ArgumentParser:
     # add_help=False and allow_abbrev=False: every other flag (--help included) goes to rl-zoo3 untouched
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--cost-penalty", type=float, default=10.0)
-    parser.add_argument("--constraint-metric", choices=("auto", "mean", "cvar"), default="auto")
-    parser.add_argument("--eval-cost-limit", type=float, default=None)
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_offtrc.zoo train|optimize",
+        description="Constraint flags of sb3_offtrc.zoo (all other flags are rl-zoo3's, listed below).",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--cost-penalty", type=float, default=10.0, help="return units per unit of episode cost over the limit"
+    )
+    parser.add_argument(
+        "--constraint-metric",
+        choices=("auto", "mean", "cvar"),
+        default="auto",
+        help="episode-cost figure compared with the limit (auto: cvar for offtrc, else mean)",
+    )
+    parser.add_argument(
+        "--eval-cost-limit",
+        type=float,
+        default=None,
+        help="episode cost limit D (default: cost_limit of the hyperparameters x episode length)",
+    )
     return parser
 
 
@@ -107,11 +124,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rewrite_env(rest)
     if command == "enjoy":
-        sys.argv = [f"{sys.argv[0]} enjoy", *rest]
+        sys.argv = ["python -m sb3_offtrc.zoo enjoy", *rest]
         rl_zoo3.enjoy.enjoy()
         return
 
-    settings, rest = constraint_parser().parse_known_args(rest)
+    parser = constraint_parser()
+    if {"-h", "--help"} & set(rest):
+        parser.print_help()
+        print()
+    settings, rest = parser.parse_known_args(rest)
     add_default_config(rest)
     if command == "optimize" and not {"-optimize", "--optimize-hyperparameters"} & set(rest):
         rest.append("--optimize-hyperparameters")
@@ -126,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     # rl-zoo3's train() looks the manager class up in its module's namespace when it runs
     vars(rl_zoo3.train)["ExperimentManager"] = configured
-    sys.argv = [f"{sys.argv[0]} {command}", *rest]
+    sys.argv = [f"python -m sb3_offtrc.zoo {command}", *rest]
     rl_zoo3.train.train()
 
 
