@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,7 +25,14 @@ from sb3_offtrc.core import (
     solve_constrained_step,
 )
 
-th.set_default_dtype(th.float64)
+
+@pytest.fixture(autouse=True)
+def _float64() -> Iterator[None]:
+    """Reference comparisons in double precision, restored afterwards for the other test modules."""
+    previous = th.get_default_dtype()
+    th.set_default_dtype(th.float64)
+    yield
+    th.set_default_dtype(previous)
 
 
 def _rand(rng: np.random.Generator, n: int) -> th.Tensor:

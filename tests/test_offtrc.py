@@ -16,9 +16,10 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from sb3_offtrc import OffTRC
-from sb3_offtrc.core import diag_gaussian_kl, kl_hessian_vector_product
+from sb3_offtrc.core import diag_gaussian_kl, gaussian_fisher_vector_product, kl_hessian_vector_product
 from sb3_offtrc.offtrc import CostReplayBuffer
 from sb3_offtrc.offtrc import offtrc as offtrc_module
+from sb3_offtrc.offtrc.policies import GaussianActor
 
 SMALL: dict[str, Any] = dict(
     n_steps=100,
@@ -143,6 +144,21 @@ def test_kl_hessian_vector_product_matches_finite_differences() -> None:
     np.testing.assert_allclose(product(vec).detach().numpy(), fd.numpy(), rtol=1e-5, atol=1e-8)
     damped = kl_hessian_vector_product(diag_gaussian_kl(mean_k, std_k, *dist()).mean(), params, damping=0.5)
     np.testing.assert_allclose((damped(vec) - product(vec)).detach().numpy(), 0.5 * vec.numpy(), atol=1e-10)
+
+
+def test_fisher_product_equals_kl_hessian_at_theta_k() -> None:
+    """OffTRC uses the Fisher form; at theta_k it must be the KL Hessian (checked by finite differences above)."""
+    th.manual_seed(1)
+    actor = GaussianActor(5, 3, [16, 16], th.nn.Tanh, -0.3, (-3.0, 2.0)).double()
+    obs = th.randn(40, 5, dtype=th.float64)
+    params = list(actor.parameters())
+    mean, std = actor(obs)
+    kl = diag_gaussian_kl(mean.detach(), std.detach(), mean, std).mean()
+    reference = kl_hessian_vector_product(kl, params, damping=0.1)
+    fisher = gaussian_fisher_vector_product(mean, std, params, damping=0.1)
+    for _ in range(3):
+        vec = th.randn(sum(p.numel() for p in params), dtype=th.float64)
+        np.testing.assert_allclose(fisher(vec).detach().numpy(), reference(vec).detach().numpy(), rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------ SB3 behaviour

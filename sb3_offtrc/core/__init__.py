@@ -13,6 +13,7 @@ from sb3_offtrc.core.trust_region import (
     StepSolution,
     adaptive_trust_region,
     diag_gaussian_kl,
+    gaussian_fisher_vector_product,
     kl_hessian_vector_product,
     solve_constrained_step,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "cvar_coefficient",
     "diag_gaussian_kl",
     "gaussian_cvar",
+    "gaussian_fisher_vector_product",
     "kl_hessian_vector_product",
     "linear_recurrence_backward",
     "offpolicy_targets",

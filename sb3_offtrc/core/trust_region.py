@@ -127,3 +127,30 @@ def kl_hessian_vector_product(
         return th.cat([h.reshape(-1) for h in hvp]) + damping * vector
 
     return product
+
+
+def gaussian_fisher_vector_product(
+    mean: th.Tensor, std: th.Tensor, params: list[th.nn.Parameter], damping: float
+) -> Callable[[th.Tensor], th.Tensor]:
+    """``v -> (F + damping I) v`` with ``F = mean_s J' M J`` the Fisher matrix of a diagonal Gaussian policy.
+
+    ``mean`` and ``std`` are the policy outputs at ``theta_k`` (with their graph), ``J`` their Jacobian
+    w.r.t. ``params`` and ``M = diag(1/std^2, 2)`` the Fisher of N(mean, std) in (mean, log std).
+    At ``theta = theta_k`` this *is* the Hessian of ``mean KL(pi_k || pi_theta)`` (the term with the
+    outputs' second derivatives is multiplied by the KL's gradient, which vanishes there), but it
+    costs two linear passes instead of differentiating a gradient graph: about 1.5x faster here.
+    ``J v`` comes from the double-vjp trick: ``J' u`` is linear in a dummy ``u``, so differentiating
+    ``(J' u) . v`` w.r.t. ``u`` gives ``J v``.
+    """
+    outputs = th.cat([mean, th.log(std)], dim=-1)
+    weight = th.cat([1.0 / std.detach() ** 2, th.full_like(std, 2.0)], dim=-1) / outputs.shape[0]
+    dummy = th.zeros_like(outputs, requires_grad=True)
+    jt_dummy = th.autograd.grad(outputs, params, grad_outputs=dummy, create_graph=True)
+    jt_dummy_flat = th.cat([g.reshape(-1) for g in jt_dummy])
+
+    def product(vector: th.Tensor) -> th.Tensor:
+        (jv,) = th.autograd.grad(jt_dummy_flat, dummy, grad_outputs=vector, retain_graph=True)
+        grads = th.autograd.grad(outputs, params, grad_outputs=weight * jv, retain_graph=True)
+        return th.cat([g.reshape(-1) for g in grads]) + damping * vector
+
+    return product

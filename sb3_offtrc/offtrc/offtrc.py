@@ -31,7 +31,7 @@ from sb3_offtrc.core import (
     cost_surrogates,
     cvar_coefficient,
     diag_gaussian_kl,
-    kl_hessian_vector_product,
+    gaussian_fisher_vector_product,
     offpolicy_targets,
     reward_surrogate,
     solve_constrained_step,
@@ -435,8 +435,8 @@ class OffTRC(OffPolicyAlgorithm):
         margin = cvar_k - limit  # c (§3.7)
         g = flat_grad(objective, params, retain_graph=True)
         b = flat_grad(cvar, params, retain_graph=True)
-        kl = diag_gaussian_kl(mean_k, std_k, mean, std).mean()
-        hessian_vector_product = kl_hessian_vector_product(kl, params, self.damping)
+        # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
+        hessian_vector_product = gaussian_fisher_vector_product(mean, std, params, self.damping)
 
         hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
         hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
