@@ -176,10 +176,20 @@ def _retry(make: Callable[[], T], what: str, attempts: int = 8) -> T:
     Workers that start together race to create the SQLite schema and the study; SQLite answers
     the loser with "database is locked" or "table already exists" instead of waiting.
     """
+    transient: tuple[type[BaseException], ...] = (
+        optuna.exceptions.StorageInternalError,
+        optuna.exceptions.DuplicatedStudyError,
+    )
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        transient += (SQLAlchemyError,)
+    except ImportError:  # no RDB support installed: nothing of it can fail either
+        pass
     for attempt in range(attempts):
         try:
             return make()
-        except Exception as exc:  # sqlalchemy's OperationalError and friends; re-raised below
+        except transient as exc:
             if attempt == attempts - 1:
                 raise RuntimeError(f"could not {what} after {attempts} attempts: {exc}") from exc
             time.sleep(0.2 + random.random() * (attempt + 1))
