@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_offtrc.lagrangian import (
@@ -346,3 +347,33 @@ def test_save_load_round_trip(algo: AlgoClass, tmp_path: Any) -> None:
     # a loaded model keeps training (aliases, buffers and the multiplier's optimiser are wired)
     loaded.set_env(make_vec_env(lambda: constant_cost_env(0.5), n_envs=1))
     loaded.learn(64)
+
+
+# ----------------------------------------------------------------------------- learning (slow)
+
+
+@pytest.mark.slow
+def test_ppo_lagrangian_takes_the_feasible_detour_that_ppo_does_not() -> None:
+    # HazardPoint-v0: straight to the goal ~10 hazard steps per episode, the detour none; the
+    # episode limit 0.025 x 100 = 2.5 leaves only the detour feasible
+    import sb3_offtrc.envs  # noqa: F401  (registers HazardPoint-v0)
+    from sb3_offtrc.common.evaluation import evaluate_safe_policy
+
+    results = {}
+    for algo in (PPO, PPOLagrangian):
+        kwargs: dict[str, Any] = {"cost_limit": 0.025} if algo is PPOLagrangian else {}
+        model = algo(
+            "MlpPolicy",
+            "HazardPoint-v0",
+            n_steps=1000,
+            batch_size=100,
+            policy_kwargs={"net_arch": [64, 64]},
+            seed=0,
+            device="cpu",
+            **kwargs,
+        )
+        model.learn(24_000)
+        results[algo.__name__] = evaluate_safe_policy(model, gym.make("HazardPoint-v0"), n_eval_episodes=10)
+    assert results["PPO"].mean_cost > 2.5
+    assert results["PPOLagrangian"].mean_cost <= 2.5
+    assert results["PPOLagrangian"].mean_reward > 80.0
