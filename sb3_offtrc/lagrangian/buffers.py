@@ -44,10 +44,10 @@ class CostRolloutBufferSamples(NamedTuple):
 class LagrangianReplayBuffer(ReplayBuffer):
     """SB3 ``ReplayBuffer`` plus a ``costs`` array filled from ``info[cost_key]`` on ``add``.
 
-    The cost is never normalised (VecNormalize only touches observations and rewards).
+    The cost is never normalised (VecNormalize only touches observations and rewards). Other
+    parameters: see ``stable_baselines3.common.buffers.ReplayBuffer``.
 
     :param cost_key: info key of the step cost.
-    Other parameters: see ``stable_baselines3.common.buffers.ReplayBuffer``.
     """
 
     costs: np.ndarray

@@ -48,6 +48,7 @@ class PPOLagrangian(PPO):
     :param lagrangian_lr: Adam learning rate of the multiplier (one step per rollout).
     :param initial_lagrange: starting value of the multiplier.
     :param max_lagrange: optional upper bound on the multiplier.
+
     Other parameters: see :class:`stable_baselines3.PPO`. Box observations only.
     """
 

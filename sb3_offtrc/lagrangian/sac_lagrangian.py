@@ -45,6 +45,7 @@ class SACLagrangian(SAC):
     :param lagrangian_lr: Adam learning rate of the multiplier.
     :param initial_lagrange: starting value of the multiplier.
     :param max_lagrange: optional upper bound on the multiplier.
+
     Other parameters: see :class:`stable_baselines3.SAC`.
     """
 
