@@ -20,9 +20,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-import yaml
-
-from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available
 
 
 def _has(module: str) -> bool:
@@ -32,7 +29,12 @@ def _has(module: str) -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not (_has("rl_zoo3") and _has("optuna")), reason="rl-zoo3 / optuna not installed")
+if not (_has("rl_zoo3") and _has("optuna")):
+    pytest.skip("rl-zoo3 / optuna not installed (the `zoo` extra)", allow_module_level=True)
+
+import yaml  # noqa: E402  (rl-zoo3 depends on it)
+
+from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPERPARAMS = ROOT / "hyperparams"
