@@ -18,6 +18,7 @@ Usage::
     python benchmarks/run.py --quick                 # minutes, HazardPoint-v0, CI-sized
     python benchmarks/run.py --full --workers 2      # hours; results/full, resumable
     python benchmarks/run.py --quick --algos sac ppo_lag --budget 500 --out /tmp/bench
+    python benchmarks/run.py --quick --force          # retrain although results/quick is committed
 """
 
 from __future__ import annotations
@@ -475,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         help="runs in parallel, one process and one torch thread each (default: 2, or 1 on a 1-core machine)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument(
+        "--force", action="store_true", help="rerun the selected runs even if finished (their old records are dropped)"
+    )
     args = parser.parse_args(argv)
 
     preset = FULL if args.full else QUICK
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = available(spec.algo)
         if reason is not None:
             print(f"skip {spec.key}: {spec.algo} not importable ({reason})", flush=True)
-        elif finished(spec):
+        elif finished(spec) and not args.force:
             print(f"done {spec.key} (finished earlier)", flush=True)
         else:
             todo.append(spec)
@@ -495,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
+    if args.force:
+        _drop_records(out / "runs.jsonl", {spec.key for spec in todo})
     (out / "command.txt").write_text(" ".join([Path(sys.executable).name, *sys.argv]) + "\n")
     failures = 0
     for summary in _map(todo, args.workers):
@@ -512,6 +518,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     return 1 if failures else 0
+
+
+def _drop_records(path: Path, keys: set[str]) -> None:
+    """Remove the runs.jsonl lines of runs that are about to be redone."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("key") not in keys]
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _map(specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:

@@ -115,3 +115,17 @@ def test_rerun_skips_finished_runs(bench_dir: Path) -> None:
     assert "finished earlier" in proc.stdout and "0 run(s) to do" in proc.stdout
     assert summary.stat().st_mtime_ns == before
     assert len((bench_dir / "runs.jsonl").read_text().splitlines()) == (3 if _offtrc_importable() else 2)
+
+
+def test_force_reruns_and_replaces_the_record(bench_dir: Path) -> None:
+    summary = bench_dir / "HazardPoint-v0" / "ppo_lag" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    n_lines = len((bench_dir / "runs.jsonl").read_text().splitlines())
+    proc = _run(
+        "benchmarks/run.py", "--quick", "--algos", "ppo_lag", "--budget", "600", "--out", str(bench_dir), "--force"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert summary.stat().st_mtime_ns > before
+    lines = (bench_dir / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == n_lines
+    assert sum(json.loads(line)["algo"] == "ppo_lag" for line in lines) == 1
