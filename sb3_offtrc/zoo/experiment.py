@@ -26,6 +26,7 @@ import importlib
 import inspect
 import os
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from pprint import pprint
@@ -149,7 +150,10 @@ class SafeExperimentManager(ExperimentManager):
         # read before rl-zoo3 turns values into objects; the constraint is fixed by the file
         self._file_constraint = {k: hyperparams.get(k) for k in ("cost_limit", "cvar_alpha", "cost_key")}
         self._spec = None
-        return super()._preprocess_hyperparams(hyperparams)
+        with warnings.catch_warnings():
+            # rl-zoo3 2.3.0 builds constant schedules with constant_fn, which SB3 2.9 flags as deprecated
+            warnings.filterwarnings("ignore", message=r"constant_fn\(\) is deprecated")
+            return super()._preprocess_hyperparams(hyperparams)
 
     # ------------------------------------------------------------------------------ constraint
     @property
