@@ -91,6 +91,43 @@ def update_profile(model: Any) -> tuple[float, float]:
     return elapsed, float(counter.get_total_flops())
 
 
+def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, float]:
+    """Seconds spent in the three phases of one update, and optionally torch.profiler's op table."""
+    buffer = model.replay_buffer
+    batch = buffer.sample_windows(model.n_recent // model.n_envs, (model.n_batch - model.n_recent) // model.n_envs)
+    phases: dict[str, float] = {}
+    originals = {name: getattr(model, name) for name in ("_policy_step", "_fit_critics")}
+
+    def timed(name: str) -> Any:
+        def run(*args: Any) -> None:
+            start = time.perf_counter()
+            originals[name](*args)
+            phases[name.strip("_")] = time.perf_counter() - start
+
+        return run
+
+    for name in originals:
+        setattr(model, name, timed(name))
+    try:
+        start = time.perf_counter()
+        if profile_path is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model._update(batch)
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+            profile_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        else:
+            model._update(batch)
+        total = time.perf_counter() - start
+    finally:
+        for name in originals:
+            delattr(model, name)  # back to the class methods
+    phases["targets_and_batch"] = total - sum(phases.values())
+    phases["total"] = total
+    return phases
+
+
 def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, float]:
     from sb3_offtrc import OffTRC
 
@@ -100,7 +137,10 @@ def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, fl
     model.learn(model.n_batch)
     model.n_critic_epochs = epochs
     update_s, flops = update_profile(model)
-    return {"steps_per_s": timed_learn(model, steps), "update_s": update_s, "update_gflop": flops / 1e9}
+    phases = update_breakdown(model)
+    result = {"steps_per_s": timed_learn(model, steps), "update_s": update_s, "update_gflop": flops / 1e9}
+    result.update({f"phase_{name}_s": seconds for name, seconds in phases.items()})
+    return result
 
 
 def batch_scaling(env_id: str, params: dict[str, Any]) -> list[dict[str, float]]:
@@ -164,6 +204,8 @@ def main() -> None:
             f"{row['steps_per_s'] / env_rate:.0%} of env rate); one update {row['update_s']:.2f} s, "
             f"{row['update_gflop']:.0f} GFLOP, {rate:.1f} GFLOP/s = {rate / gemm:.0%} of GEMM rate"
         )
+        phases = {k[len("phase_") : -len("_s")]: v for k, v in row.items() if k.startswith("phase_")}
+        print("    phases of one update: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     for row in result.get("batch_scaling_paper", []):
         n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
         print(f"  paper defaults n_batch={n_batch:>6}: update {seconds:.2f} s, {gflop:.0f} GFLOP")
