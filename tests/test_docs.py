@@ -189,7 +189,7 @@ def _use_small_offtrc_networks(monkeypatch: pytest.MonkeyPatch) -> None:
     original = OffTRCPolicy.__init__
 
     def small_init(self: OffTRCPolicy, *args: object, net_arch: object = None, **kwargs: object) -> None:
-        original(self, *args, net_arch=list(SMALL_NET) if net_arch is None else net_arch, **kwargs)  # type: ignore[arg-type]
+        original(self, *args, net_arch=list(SMALL_NET) if net_arch is None else net_arch, **kwargs)  # type: ignore[arg-type, misc]
 
     monkeypatch.setattr(OffTRCPolicy, "__init__", small_init)
 
@@ -310,7 +310,7 @@ def test_budgets_and_cli_parsing() -> None:
 
 def test_every_page_is_reachable_from_the_toctree() -> None:
     """Sphinx -W fails on a page outside every toctree; check it here too, where the build is not run."""
-    listed = set()
+    listed: set[str] = set()
     for page in DOCS.rglob("*.md"):
         if "_build" in page.parts:
             continue
@@ -321,3 +321,14 @@ def test_every_page_is_reachable_from_the_toctree() -> None:
                 listed.update(str(base / entry) for entry in entries)
     pages = {str(p.relative_to(DOCS).with_suffix("")) for p in DOCS.rglob("*.md") if "_build" not in p.parts}
     assert pages - listed == {"index"}
+
+
+@pytest.mark.slow
+def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
+    """What `make docs` does, when the `docs` extra is installed (it is not part of `make test`'s install)."""
+    pytest.importorskip("myst_parser")
+    sphinx_cmd = pytest.importorskip("sphinx.cmd.build")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = sphinx_cmd.build_main(["-W", "-E", "-q", "-b", "html", str(DOCS), str(tmp_path / "html")])
+    assert code == 0, out.getvalue()
