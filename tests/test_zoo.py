@@ -183,6 +183,21 @@ def test_zoo_rejects_unknown_command() -> None:
         main(["fly"])
 
 
+def test_help_lists_constraint_and_zoo_flags(zoo: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    from sb3_offtrc.zoo.cli import main
+
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["optimize", "--help"])
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--cost-penalty" in out and "--eval-cost-limit" in out  # ours
+    assert "--n-trials" in out and "offtrc" in out and "ppo_lag" in out  # rl-zoo3's, with our algorithms
+
+
 def test_rewrite_env_and_default_config(zoo: ModuleType) -> None:
     from sb3_offtrc.zoo.cli import add_default_config, rewrite_env
 
