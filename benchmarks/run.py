@@ -43,6 +43,10 @@ from typing import Any
 
 import numpy as np
 
+# the script lives outside the package: make `import sb3_offtrc` work from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sb3_offtrc.offtrc.presets import get_preset  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: name -> (module, class). Swapping the algorithm swaps only this.
@@ -52,9 +56,13 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "ppo": ("stable_baselines3", "PPO"),
     "sac_lag": ("sb3_offtrc.lagrangian", "SACLagrangian"),
     "ppo_lag": ("sb3_offtrc.lagrangian", "PPOLagrangian"),
+    # OffTRC with the CPU preset (sb3_offtrc.offtrc.presets.CPU): same class, other hyperparameters
+    "offtrc_cpu": ("sb3_offtrc.offtrc", "OffTRC"),
 }
 #: algorithms that take ``cost_limit`` (the others only see it in the report)
-CONSTRAINED = {"offtrc", "sac_lag", "ppo_lag"}
+CONSTRAINED = {"offtrc", "offtrc_cpu", "sac_lag", "ppo_lag"}
+#: the quick grid keeps to the library's algorithms; offtrc_cpu is compared in the full grid
+_QUICK_ALGOS = ["offtrc", "sac", "ppo", "sac_lag", "ppo_lag"]
 
 
 @dataclass
@@ -83,7 +91,7 @@ _SMALL_NET = [64, 64]
 
 QUICK = Preset(
     name="quick",
-    blocks=[Block(algos=list(ALGORITHMS), envs=["HazardPoint-v0"], seeds=[0], budget=8_000)],
+    blocks=[Block(algos=_QUICK_ALGOS, envs=["HazardPoint-v0"], seeds=[0], budget=8_000)],
     cost_limit=0.025,  # HazardPoint: episode limit 2.5 hazard steps, straight line costs ~10
     eval_freq=2_000,
     n_eval_episodes=5,
@@ -126,6 +134,7 @@ FULL = Preset(
     hyperparams={
         # library defaults (OffTRC: the authors' settings), nothing tuned per environment
         "offtrc": {},
+        "offtrc_cpu": get_preset("cpu"),
         "sac": {},
         "sac_lag": {},
         "ppo": {},
