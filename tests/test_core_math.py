@@ -77,8 +77,19 @@ def test_targets_reduce_to_gae_when_on_policy() -> None:
     dones[-1] = 1.0
     t = th.as_tensor
     out = offpolicy_targets(
-        t(r), t(c), t(dones), t(fails), th.ones(n), t(vr), t(vr_next), t(vc), t(vc_next),
-        th.ones(n), th.ones(n), gamma, lam,
+        t(r),
+        t(c),
+        t(dones),
+        t(fails),
+        th.ones(n),
+        t(vr),
+        t(vr_next),
+        t(vc),
+        t(vc_next),
+        th.ones(n),
+        th.ones(n),
+        gamma,
+        lam,
     )
     adv_r, ret_r = _gae_loop(r, vr, vr_next, dones, fails, gamma, lam)
     adv_c, ret_c = _gae_loop(c, vc, vc_next, dones, fails, gamma, lam)
@@ -99,8 +110,10 @@ def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma
         y_r[t] = r[t] + gamma * (1 - fails[t]) * vr_n[t] + gamma * d_r
         y_c[t] = c[t] + gamma * (1 - fails[t]) * vc_n[t] + gamma * d_c
         z[t] = (
-            (c[t] + gamma * (1 - fails[t]) * vc_n[t]) ** 2 - vc[t] ** 2
-            + gamma**2 * (1 - fails[t]) * var_n[t] + gamma**2 * eta
+            (c[t] + gamma * (1 - fails[t]) * vc_n[t]) ** 2
+            - vc[t] ** 2
+            + gamma**2 * (1 - fails[t]) * var_n[t]
+            + gamma**2 * eta
         )
         d_r = lam * rho[t] * (y_r[t] - vr[t])
         d_c = lam * rho[t] * (y_c[t] - vc[t])
@@ -122,8 +135,9 @@ def test_targets_with_truncated_weights_match_slow_reference() -> None:
     fails = dones * (rng.uniform(size=n) < 0.5)
     assert dones[:-1].sum() >= 3  # several episode ends inside the window
     t = th.as_tensor
-    out = offpolicy_targets(t(r), t(c), t(dones), t(fails), t(rho), t(vr), t(vr_n), t(vc), t(vc_n),
-                            t(var), t(var_n), gamma, lam)
+    out = offpolicy_targets(
+        t(r), t(c), t(dones), t(fails), t(rho), t(vr), t(vr_n), t(vc), t(vc_n), t(var), t(var_n), gamma, lam
+    )
     y_r, y_c, z = _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam)
     np.testing.assert_allclose(out.reward_target.numpy(), y_r, atol=1e-9)
     np.testing.assert_allclose(out.cost_target.numpy(), y_c, atol=1e-9)
@@ -139,8 +153,21 @@ def test_variance_target_fixed_point_is_monte_carlo_variance() -> None:
     samples = (rng.uniform(size=200_000) < p).astype(float)
     n = len(samples)
     ones, zeros = th.ones(n), th.zeros(n)
-    out = offpolicy_targets(zeros, th.as_tensor(samples), ones, ones, ones, zeros, zeros,
-                            th.full((n,), p), zeros, th.full((n,), p * (1 - p)), zeros, 0.99, 0.97)
+    out = offpolicy_targets(
+        zeros,
+        th.as_tensor(samples),
+        ones,
+        ones,
+        ones,
+        zeros,
+        zeros,
+        th.full((n,), p),
+        zeros,
+        th.full((n,), p * (1 - p)),
+        zeros,
+        0.99,
+        0.97,
+    )
     assert abs(out.var_target.mean().item() - samples.var()) < 5e-3
     assert abs(out.var_target.mean().item() - p * (1 - p)) < 5e-3
 
@@ -151,7 +178,7 @@ def test_cvar_matches_monte_carlo(alpha: float) -> None:
     rng = np.random.default_rng(4)
     mean, std = 2.0, 1.5
     x = np.sort(rng.normal(mean, std, size=2_000_000))
-    tail = x[int(len(x) * (1 - alpha)):]
+    tail = x[int(len(x) * (1 - alpha)) :]
     mc = tail.mean()
     got = gaussian_cvar(th.tensor(mean), th.tensor(std**2), alpha).item()
     assert abs(got - mc) < 0.01
@@ -252,8 +279,14 @@ def test_step_solver_matches_slsqp() -> None:
         # keep the best feasible point over several starts instead of trusting its flag.
         best = None
         for start in (np.zeros(dim), x * 0.5, rng.normal(size=dim) * 0.1):
-            res = minimize(lambda x: -g @ x, start, jac=lambda x: -g, constraints=cons, method="SLSQP",
-                           options={"ftol": 1e-12, "maxiter": 500})
+            res = minimize(
+                lambda x: -g @ x,
+                start,
+                jac=lambda x: -g,
+                constraints=cons,
+                method="SLSQP",
+                options={"ftol": 1e-12, "maxiter": 500},
+            )
             feasible = res.x @ h @ res.x / 2 <= eps + 1e-7 and c + b @ res.x <= 1e-7
             if feasible and (best is None or g @ res.x > g @ best):
                 best = res.x
