@@ -173,7 +173,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
     monitor_dir = os.path.join(out, "monitor")
-    venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc)
+    try:
+        venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc)
+    except ImportError as exc:  # e.g. a Safety-Gymnasium task without the safety stack installed
+        print(f"error: cannot build {args.env}: {exc}", file=sys.stderr)
+        return 2
     if constrained:
         if args.cost_limit is not None:
             hyperparams.setdefault("cost_limit", args.cost_limit)
