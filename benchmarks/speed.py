@@ -75,6 +75,13 @@ def sac_rate(env_id: str, steps: int) -> float:
     return timed_learn(model, steps)
 
 
+def _fill_without_updates(model: Any) -> None:
+    """Collect ``n_batch`` transitions with the initial policy; the timed part runs the real updates."""
+    model.learning_starts = model.n_batch
+    model.learn(model.n_batch)
+    model.learning_starts = 0
+
+
 def update_profile(model: Any) -> tuple[float, float]:
     """Wall time and matmul FLOPs of one full OffTRC update on a fresh batch."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -132,10 +139,7 @@ def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, fl
     from sb3_offtrc import OffTRC
 
     model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
-    epochs = model.n_critic_epochs
-    model.n_critic_epochs = 1  # fill the buffer cheaply; the timed part runs the real configuration
-    model.learn(model.n_batch)
-    model.n_critic_epochs = epochs
+    _fill_without_updates(model)
     update_s, flops = update_profile(model)
     phases = update_breakdown(model)
     result = {"steps_per_s": timed_learn(model, steps), "update_s": update_s, "update_gflop": flops / 1e9}
@@ -150,10 +154,7 @@ def batch_scaling(env_id: str, params: dict[str, Any]) -> list[dict[str, float]]
     for n_batch in (2500, 5000, 10_000, 20_000):
         cfg = {**params, "n_batch": n_batch, "buffer_size": max(50_000, n_batch)}
         model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **cfg)
-        epochs = model.n_critic_epochs
-        model.n_critic_epochs = 1
-        model.learn(n_batch)
-        model.n_critic_epochs = epochs
+        _fill_without_updates(model)
         seconds, flops = update_profile(model)
         rows.append({"n_batch": n_batch, "update_s": seconds, "update_gflop": flops / 1e9})
     return rows
@@ -180,6 +181,7 @@ def main() -> None:
             "torch_threads": th.get_num_threads(),
             "python": platform.python_version(),
             "torch": th.__version__,
+            "load_average_at_start": os.getloadavg()[0],
         },
     }
     result["gemm_gflops"] = gemm_rate()
@@ -209,6 +211,11 @@ def main() -> None:
     for row in result.get("batch_scaling_paper", []):
         n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
         print(f"  paper defaults n_batch={n_batch:>6}: update {seconds:.2f} s, {gflop:.0f} GFLOP")
+    result["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    print(
+        f"1-minute load average: {result['machine']['load_average_at_start']:.1f} at start, "
+        f"{result['machine']['load_average_at_end']:.1f} at end (2 cores: above ~2 the figures are shared)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

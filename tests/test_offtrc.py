@@ -366,3 +366,21 @@ def test_paper_preset_is_the_constructor_default() -> None:
     assert get_preset("cpu")["n_batch"] == 5000
     with pytest.raises(ValueError, match="available"):
         get_preset("gpu")
+
+
+def test_chunked_critic_fit_is_the_full_batch_step() -> None:
+    import copy
+
+    model = _model(n_critic_epochs=4)
+    model.learn(300)
+    batch = model.replay_buffer.sample_windows(100, 200)
+    targets = [th.randn(300) for _ in range(2)] + [th.rand(300)]
+    fitted = []
+    for chunk_size in (10_000, 7):  # one chunk vs 43 uneven chunks
+        clone = copy.deepcopy(model)
+        clone.critic_chunk_size = chunk_size
+        clone._fit_critics(batch.observations, *targets)
+        fitted.append(th.nn.utils.parameters_to_vector(clone.policy.parameters()).detach())
+    before = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach()
+    assert not th.allclose(fitted[0], before)
+    th.testing.assert_close(fitted[0], fitted[1], rtol=1e-4, atol=1e-6)

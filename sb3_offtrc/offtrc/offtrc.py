@@ -95,6 +95,9 @@ class OffTRC(OffPolicyAlgorithm):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": OffTRCPolicy}
+    #: Rows per chunk when the critic gradient is accumulated (an implementation detail: the step is
+    #: the same full-batch Adam step whatever the value, up to float rounding).
+    critic_chunk_size: ClassVar[int] = 2500
     policy: OffTRCPolicy
     replay_buffer: CostReplayBuffer  # type: ignore[assignment]
 
@@ -518,15 +521,25 @@ class OffTRC(OffPolicyAlgorithm):
             ("cost_critic_loss", policy.cost_critic, policy.cost_optimizer, cost_target),
             ("cost_std_critic_loss", policy.cost_std_critic, policy.cost_std_optimizer, std_target),
         ]
+        n_rows = features.shape[0]
+        chunks = [
+            (features[i : i + self.critic_chunk_size], slice(i, i + self.critic_chunk_size))
+            for i in range(0, n_rows, self.critic_chunk_size)
+        ]
         for name, critic, optimizer, target in jobs:
-            loss = th.zeros(())
+            total = th.zeros((), device=features.device)
             for _ in range(self.n_critic_epochs):
-                loss = 0.5 * th.mean((critic(features) - target) ** 2)
                 optimizer.zero_grad()
-                loss.backward()
+                total = th.zeros((), device=features.device)
+                # One full-batch step, its gradient accumulated over row chunks: the same maths,
+                # but the activations stay in cache (docs/speed.md: ~25% faster, linear in n_batch).
+                for chunk, rows in chunks:
+                    loss = 0.5 * th.sum((critic(chunk) - target[rows]) ** 2) / n_rows
+                    loss.backward()
+                    total = total + loss.detach()
                 clip_grad_norm_(critic.parameters(), self.max_grad_norm)
                 optimizer.step()
-            self.logger.record(f"train/{name}", loss.item())
+            self.logger.record(f"train/{name}", total.item())
 
     # ------------------------------------------------------------------------------ persistence
     def _excluded_save_params(self) -> list[str]:
