@@ -384,3 +384,33 @@ def test_chunked_critic_fit_is_the_full_batch_step() -> None:
     before = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach()
     assert not th.allclose(fitted[0], before)
     th.testing.assert_close(fitted[0], fitted[1], rtol=1e-4, atol=1e-6)
+
+
+def test_sb3_surface_callbacks_progress_bar_set_env_get_parameters() -> None:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Count(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps = 0
+            self.rollouts = 0
+
+        def _on_step(self) -> bool:
+            self.steps += 1
+            return self.num_timesteps < 150  # stop early through the callback, as in SB3
+
+        def _on_rollout_end(self) -> None:
+            self.rollouts += 1
+
+    model = _model()
+    counter = Count()
+    model.learn(1000, callback=counter, progress_bar=True)
+    assert counter.steps == 150 and model.num_timesteps == 150
+    params = model.get_parameters()
+    assert {"policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"} <= set(params)
+    model.set_env(CostPendulum(cost_value=2.0))
+    model.learn(100, reset_num_timesteps=False)
+    assert model.num_timesteps == 250
+    assert model.ep_cost_buffer[-1] == pytest.approx(100.0)  # 50 steps x 2.0 in the new env
+    with pytest.raises(AssertionError, match="number of environments"):  # SB3's own check
+        model.set_env(make_vec_env(lambda: CostPendulum(), n_envs=2))
