@@ -30,7 +30,7 @@ SETUP_KEY := $(shell { cat pyproject.toml constraints.txt; echo '$(TORCH_SPEC) $
 STAMP := $(VENV)/.sb3-offtrc-setup-$(SETUP_KEY)
 DOCS_STAMP := $(VENV)/.sb3-offtrc-docs-$(SETUP_KEY)
 
-.PHONY: help setup demo test test-all lint format docs bench clean
+.PHONY: help setup demo test test-slow test-all lint format docs bench clean
 
 help: ## list the tasks
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,9 @@ demo: setup ## train OffTRC on SafetyPointGoal1-v0 (short budget) and print wher
 
 test: setup ## run the test suite without the slow learning checks (what CI runs)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup ## run only the slow learning checks (about a minute; CI runs them after `make test`)
+	$(TEST_ENV) $(PY) -m pytest -m slow -n 2 --timeout=3600 --durations=10
 
 test-all: setup ## run every test, the slow learning checks included
 	$(TEST_ENV) $(PY) -m pytest -n 2 --timeout=3600 --durations=15
