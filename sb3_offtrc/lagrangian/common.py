@@ -1,4 +1,5 @@
-"""Pieces shared by the Lagrangian baselines: reading the cost, tracking episode costs, the multiplier.
+"""Pieces shared by the Lagrangian baselines: the multiplier (reading the cost and tracking episode
+costs live in :mod:`sb3_offtrc.cost_signal`, shared with OffTRC, and are re-exported here).
 
 Convention (the same as OffTRC's, see ``ALGORITHM.md`` §1): ``cost_limit`` is a *per-step* limit
 ``d``; the constraint is on the expected discounted cost return,
@@ -11,57 +12,12 @@ An agent whose average step cost is ``d`` sits exactly on the limit, so for an e
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
 import torch as th
 from torch import nn
 
+from sb3_offtrc.cost_signal import EpisodeCostTracker, costs_from_infos
 
-def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm") -> np.ndarray:
-    """Per-env step costs ``info[cost_key]`` as a float32 array, with an error that says how to fix a missing key.
-
-    :param infos: the ``infos`` list returned by ``VecEnv.step``.
-    :param cost_key: the info key that carries the step cost.
-    :param owner: name used in the error message.
-    """
-    costs = np.zeros(len(infos), dtype=np.float32)
-    for idx, info in enumerate(infos):
-        if cost_key not in info:
-            raise KeyError(
-                f"{owner} needs the per-step cost in info[{cost_key!r}], but env {idx} returned an info dict "
-                f"without it (keys: {sorted(info)}). Use an environment that reports its cost there "
-                "(e.g. the built-in 'HazardPoint-v0' after `import sb3_offtrc.envs`, or a Safety-Gymnasium "
-                "task through sb3_offtrc.make_safety_env), or pass cost_key=<the key your env uses>."
-            )
-        costs[idx] = float(info[cost_key])
-    return costs
-
-
-class EpisodeCostTracker:
-    """Sums step costs per env copy and keeps the totals of the last ``window`` finished episodes.
-
-    :param n_envs: number of env copies in the VecEnv.
-    :param window: how many finished episodes ``ep_costs`` keeps (SB3's ``stats_window_size``).
-    """
-
-    def __init__(self, n_envs: int, window: int = 100) -> None:
-        self.running = np.zeros(n_envs, dtype=np.float64)
-        self.ep_costs: deque[float] = deque(maxlen=window)
-
-    def update(self, costs: np.ndarray, dones: np.ndarray) -> None:
-        if self.running.shape != costs.shape:
-            # a different VecEnv was attached (set_env after load): its episodes start afresh
-            self.running = np.zeros(costs.shape, dtype=np.float64)
-        self.running += costs
-        for idx in np.flatnonzero(dones):
-            self.ep_costs.append(float(self.running[idx]))
-            self.running[idx] = 0.0
-
-    def mean(self) -> float | None:
-        return float(np.mean(self.ep_costs)) if len(self.ep_costs) > 0 else None
+__all__ = ["EpisodeCostTracker", "LagrangeMultiplier", "costs_from_infos"]
 
 
 class LagrangeMultiplier(nn.Module):

@@ -21,7 +21,6 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import safe_mean
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
 from sb3_offtrc.core import (
@@ -36,17 +35,11 @@ from sb3_offtrc.core import (
     reward_surrogate,
     solve_constrained_step,
 )
+from sb3_offtrc.cost_signal import EpisodeCostTracker, costs_from_infos
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import OffTRCPolicy, gaussian_entropy, gaussian_log_prob
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
-
-_MISSING_COST_HELP = (
-    "OffTRC reads the per-step cost from info[{key!r}], but env index {idx} returned info without it "
-    "(keys: {keys}). Fixes: build Safety-Gymnasium tasks with sb3_offtrc.envs.make_safety_env(...) (or "
-    "gym.make of an id registered by `import sb3_offtrc.envs`), wrap your own env so that step() puts the "
-    "cost into info, or pass cost_key='<your key>' if the cost is already there under another name."
-)
 
 
 class OffTRC(OffPolicyAlgorithm):
@@ -180,8 +173,7 @@ class OffTRC(OffPolicyAlgorithm):
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
         self._check_hyperparameters()
-        self.ep_cost_buffer: deque[float] = deque(maxlen=stats_window_size)
-        self._episode_costs: np.ndarray | None = None
+        self._cost_tracker = EpisodeCostTracker(getattr(self, "n_envs", 1), stats_window_size)
         self._behaviour: tuple[np.ndarray, np.ndarray] | None = None
         if _init_setup_model:
             self._setup_model()
@@ -251,10 +243,15 @@ class OffTRC(OffPolicyAlgorithm):
             self.replay_buffer.mark_last_as_truncated()
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         if reset_num_timesteps:
-            self.ep_cost_buffer = deque(maxlen=self._stats_window_size)
-        if env_will_reset or self._episode_costs is None:
-            self._episode_costs = np.zeros(self.n_envs)
+            self._cost_tracker = EpisodeCostTracker(self.n_envs, self._stats_window_size)
+        elif env_will_reset:
+            self._cost_tracker.running = np.zeros(self.n_envs)  # the interrupted episodes are not counted
         return result
+
+    @property
+    def ep_cost_buffer(self) -> deque[float]:
+        """Undiscounted costs of the last ``stats_window_size`` training episodes (``rollout/ep_cost_mean``)."""
+        return self._cost_tracker.ep_costs
 
     def learn(
         self: SelfOffTRC,
@@ -294,14 +291,6 @@ class OffTRC(OffPolicyAlgorithm):
         env_action = self.policy.unscale_action(np.clip(sample_np, -1.0, 1.0))
         return env_action, sample_np
 
-    def _read_costs(self, infos: list[dict[str, Any]]) -> np.ndarray:
-        costs = np.zeros(len(infos))
-        for idx, info in enumerate(infos):
-            if self.cost_key not in info:
-                raise KeyError(_MISSING_COST_HELP.format(key=self.cost_key, idx=idx, keys=sorted(info)))
-            costs[idx] = float(info[self.cost_key])
-        return costs
-
     def _check_finite(self, name: str, values: np.ndarray) -> None:
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
@@ -322,7 +311,7 @@ class OffTRC(OffPolicyAlgorithm):
     ) -> None:
         assert isinstance(replay_buffer, CostReplayBuffer)
         assert self._behaviour is not None
-        costs = self._read_costs(infos)
+        costs = costs_from_infos(infos, self.cost_key, owner="OffTRC").astype(np.float64)
         if self._vec_normalize_env is not None:
             new_obs_ = self._vec_normalize_env.get_original_obs()
             reward_ = self._vec_normalize_env.get_original_reward()
@@ -356,16 +345,12 @@ class OffTRC(OffPolicyAlgorithm):
         if self._vec_normalize_env is not None:
             self._last_original_obs = new_obs_
 
-        assert self._episode_costs is not None
-        self._episode_costs += costs
-        for i, done in enumerate(dones):
-            if done:
-                self.ep_cost_buffer.append(float(self._episode_costs[i]))
-                self._episode_costs[i] = 0.0
+        self._cost_tracker.update(costs, np.asarray(dones))
 
     def dump_logs(self) -> None:
-        if len(self.ep_cost_buffer) > 0:
-            self.logger.record("rollout/ep_cost_mean", safe_mean(list(self.ep_cost_buffer)))
+        ep_cost_mean = self._cost_tracker.mean()
+        if ep_cost_mean is not None:
+            self.logger.record("rollout/ep_cost_mean", ep_cost_mean)
         super().dump_logs()
 
     # ------------------------------------------------------------------------------------ update

@@ -1,0 +1,56 @@
+"""Reading the step cost from ``info`` and tracking episode costs, shared by every algorithm of the package.
+
+Layer 2 (next to the algorithms): numpy only, no SB3 base classes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm") -> np.ndarray:
+    """Per-env step costs ``info[cost_key]`` as a float32 array, with an error that says how to fix a missing key.
+
+    :param infos: the ``infos`` list returned by ``VecEnv.step``.
+    :param cost_key: the info key that carries the step cost.
+    :param owner: name used in the error message.
+    """
+    costs = np.zeros(len(infos), dtype=np.float32)
+    for idx, info in enumerate(infos):
+        if cost_key not in info:
+            raise KeyError(
+                f"{owner} needs the per-step cost in info[{cost_key!r}], but env {idx} returned an info dict "
+                f"without it (keys: {sorted(info)}). Use an environment that reports its cost there "
+                "(e.g. the built-in 'HazardPoint-v0' after `import sb3_offtrc.envs`, or a Safety-Gymnasium "
+                "task through sb3_offtrc.make_safety_env), or pass cost_key=<the key your env uses>."
+            )
+        costs[idx] = float(info[cost_key])
+    return costs
+
+
+class EpisodeCostTracker:
+    """Sums step costs per env copy and keeps the totals of the last ``window`` finished episodes.
+
+    :param n_envs: number of env copies in the VecEnv.
+    :param window: how many finished episodes ``ep_costs`` keeps (SB3's ``stats_window_size``).
+    """
+
+    def __init__(self, n_envs: int, window: int = 100) -> None:
+        self.running = np.zeros(n_envs, dtype=np.float64)
+        self.ep_costs: deque[float] = deque(maxlen=window)
+
+    def update(self, costs: np.ndarray, dones: np.ndarray) -> None:
+        if self.running.shape != costs.shape:
+            # a different VecEnv was attached (set_env after load): its episodes start afresh
+            self.running = np.zeros(costs.shape, dtype=np.float64)
+        self.running += costs
+        for idx in np.flatnonzero(dones):
+            self.ep_costs.append(float(self.running[idx]))
+            self.running[idx] = 0.0
+
+    def mean(self) -> float | None:
+        return float(np.mean(self.ep_costs)) if len(self.ep_costs) > 0 else None
