@@ -12,6 +12,23 @@ from typing import Any
 import numpy as np
 
 
+class CostReturnLimitMixin:
+    """``cost_return_limit``: the limit ``D = d / (1 - gamma)`` on the discounted cost return, for every
+    algorithm whose ``cost_limit`` is the per-step limit ``d`` (``ALGORITHM.md`` §1).
+
+    Not to be confused with the *episode* cost limit ``d * T`` on the undiscounted episode cost, which
+    the monitors, evaluations and benchmarks use.
+    """
+
+    cost_limit: float
+    gamma: float
+
+    @property
+    def cost_return_limit(self) -> float:
+        """``D = cost_limit / (1 - gamma)``, the limit on the discounted cost return."""
+        return self.cost_limit / (1.0 - self.gamma)
+
+
 def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm") -> np.ndarray:
     """Per-env step costs ``info[cost_key]`` as a float32 array, with an error that says how to fix a missing key.
 

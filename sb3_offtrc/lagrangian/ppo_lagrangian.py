@@ -16,6 +16,7 @@ from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from sb3_offtrc.cost_signal import CostReturnLimitMixin
 from sb3_offtrc.lagrangian.buffers import LagrangianRolloutBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import PPOLagrangianPolicy
@@ -23,7 +24,7 @@ from sb3_offtrc.lagrangian.policies import PPOLagrangianPolicy
 SelfPPOLagrangian = TypeVar("SelfPPOLagrangian", bound="PPOLagrangian")
 
 
-class PPOLagrangian(PPO):
+class PPOLagrangian(CostReturnLimitMixin, PPO):
     """
     PPO-Lagrangian: PPO for a constrained MDP, ``max J_R  s.t.  J_C <= d / (1 - gamma)``.
 
@@ -128,11 +129,6 @@ class PPOLagrangian(PPO):
             device=device,
             _init_setup_model=_init_setup_model,
         )
-
-    @property
-    def cost_return_limit(self) -> float:
-        """``D = cost_limit / (1 - gamma)``, the limit on the discounted cost return."""
-        return self.cost_limit / (1.0 - self.gamma)
 
     def _setup_model(self) -> None:
         super()._setup_model()

@@ -14,6 +14,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
+from sb3_offtrc.cost_signal import CostReturnLimitMixin
 from sb3_offtrc.lagrangian.buffers import LagrangianReplayBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import SACLagrangianPolicy
@@ -21,7 +22,7 @@ from sb3_offtrc.lagrangian.policies import SACLagrangianPolicy
 SelfSACLagrangian = TypeVar("SelfSACLagrangian", bound="SACLagrangian")
 
 
-class SACLagrangian(SAC):
+class SACLagrangian(CostReturnLimitMixin, SAC):
     """
     SAC-Lagrangian: Soft Actor-Critic for a constrained MDP, ``max J_R  s.t.  J_C <= d / (1 - gamma)``.
 
@@ -131,11 +132,6 @@ class SACLagrangian(SAC):
             device=device,
             _init_setup_model=_init_setup_model,
         )
-
-    @property
-    def cost_return_limit(self) -> float:
-        """``D = cost_limit / (1 - gamma)``, the limit on the discounted cost return."""
-        return self.cost_limit / (1.0 - self.gamma)
 
     def _setup_model(self) -> None:
         super()._setup_model()

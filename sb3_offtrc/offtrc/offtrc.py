@@ -35,14 +35,14 @@ from sb3_offtrc.core import (
     reward_surrogate,
     solve_constrained_step,
 )
-from sb3_offtrc.cost_signal import EpisodeCostTracker, costs_from_infos
+from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import OffTRCPolicy, gaussian_entropy, gaussian_log_prob
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 
 
-class OffTRC(OffPolicyAlgorithm):
+class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     """Off-Policy Trust Region CVaR (Kim & Oh, RA-L 2022).
 
     Maximises return subject to ``CVaR_alpha(cost return) <= cost_limit / (1 - gamma)`` with a
@@ -224,11 +224,6 @@ class OffTRC(OffPolicyAlgorithm):
         self.train_freq = (self.n_steps // self.n_envs, "step")
         self._convert_train_freq()
 
-    @property
-    def episode_cost_limit(self) -> float:
-        """The CVaR limit ``D = d / (1 - gamma)`` on the discounted cost return."""
-        return self.cost_limit / (1.0 - self.gamma)
-
     def _setup_learn(
         self,
         total_timesteps: int,
@@ -409,7 +404,7 @@ class OffTRC(OffPolicyAlgorithm):
         k_alpha = cvar_coefficient(self.cvar_alpha)
         constants = SurrogateConstants(cost_mean, cost_var, self.gamma, k_alpha)
         eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
-        limit = self.episode_cost_limit
+        limit = self.cost_return_limit  # the CVaR limit D
 
         def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
             mean, std = policy.distribution(obs)
