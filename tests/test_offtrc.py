@@ -340,11 +340,15 @@ def test_failed_line_search_restores_parameters_exactly() -> None:
         return th.tensor(0.0), th.tensor(0.0), mean, std
 
     huge = th.full_like(theta, 10.0)
-    tries, failed, _, _ = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
+    tries, failed, _, _, std = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
     assert failed and tries == model.line_search_max_iter
     assert th.equal(th.nn.utils.parameters_to_vector(params), theta)
-    tries, failed, kl, _ = model._line_search(params, huge * 1e-9, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
+    assert std is std_k  # the policy is unchanged, so is its std (logged as the entropy)
+    small = huge * 1e-9
+    tries, failed, kl, _, std = model._line_search(params, small, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
     assert not failed and tries == 1 and kl <= 1.0
+    with th.no_grad():
+        th.testing.assert_close(std, model.policy.distribution(obs)[1])  # the accepted policy's std
 
 
 def test_paper_preset_is_the_constructor_default() -> None:
@@ -384,6 +388,109 @@ def test_chunked_critic_fit_is_the_full_batch_step() -> None:
     before = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach()
     assert not th.allclose(fitted[0], before)
     th.testing.assert_close(fitted[0], fitted[1], rtol=1e-4, atol=1e-6)
+
+
+def test_minibatch_critic_fit_matches_a_plain_adam_loop() -> None:
+    """critic_batch_size: shuffled passes of minibatch Adam steps, checked against a hand-written loop."""
+    import copy
+
+    model = _model(n_critic_epochs=3, critic_batch_size=64)
+    model.learn(300)
+    batch = model.replay_buffer.sample_windows(100, 200)
+    targets = [th.randn(300), th.randn(300), th.rand(300)]
+    reference = copy.deepcopy(model.policy)
+    th.manual_seed(123)
+    model._fit_critics(batch.observations, *targets)
+
+    th.manual_seed(123)
+    with th.no_grad():
+        features = reference.features(batch.observations)
+    critics = (reference.reward_critic, reference.cost_critic, reference.cost_std_critic)
+    # the copied optimisers carry the Adam moments of the updates that learn() already made
+    for critic, optimizer, target in zip(critics, reference.critic_optimizers, targets, strict=True):
+        for _ in range(3):
+            order = th.randperm(300)
+            for start in range(0, 300, 64):  # 4 minibatches of 64 and one of 44
+                rows = order[start : start + 64]
+                optimizer.zero_grad()
+                (0.5 * ((critic(features[rows]) - target[rows]) ** 2).mean()).backward()
+                th.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+                optimizer.step()
+    ours_critics = (model.policy.reward_critic, model.policy.cost_critic, model.policy.cost_std_critic)
+    for ours, theirs in zip(ours_critics, critics, strict=True):
+        th.testing.assert_close(
+            th.nn.utils.parameters_to_vector(ours.parameters()),
+            th.nn.utils.parameters_to_vector(theirs.parameters()),
+        )
+    # a minibatch as large as the batch is the paper's full-batch step
+    full, large = copy.deepcopy(model), copy.deepcopy(model)
+    full.critic_batch_size, large.critic_batch_size = None, 300
+    for clone in (full, large):
+        clone._fit_critics(batch.observations, *targets)
+    th.testing.assert_close(
+        th.nn.utils.parameters_to_vector(full.policy.parameters()),
+        th.nn.utils.parameters_to_vector(large.policy.parameters()),
+    )
+
+
+def test_fisher_fraction_uses_the_fisher_of_a_random_subset() -> None:
+    """fisher_fraction < 1: the CG matrix is the KL Hessian on a random subset of the batch's states."""
+    model = _model(fisher_fraction=0.25)
+    model.learn(300)
+    obs = model.replay_buffer.sample_windows(100, 200).observations
+    params = list(model.policy.actor.parameters())
+    mean, std = model.policy.distribution(obs)
+    th.manual_seed(7)
+    sub_mean, sub_std = model._fisher_outputs(obs, mean, std)
+    assert sub_mean.shape == (75, mean.shape[1])
+    th.manual_seed(7)
+    rows = th.randperm(300)[:75]
+    ref_mean, ref_std = model.policy.distribution(obs[rows])
+    kl = diag_gaussian_kl(ref_mean.detach(), ref_std.detach(), ref_mean, ref_std).mean()
+    reference = kl_hessian_vector_product(kl, params, damping=0.01)
+    product = gaussian_fisher_vector_product(sub_mean, sub_std, params, damping=0.01)
+    vec = th.randn(sum(p.numel() for p in params))
+    th.testing.assert_close(product(vec), reference(vec), rtol=1e-4, atol=1e-7)
+    # the whole batch (the paper) is the default: the outputs are passed through untouched
+    model.fisher_fraction = 1.0
+    assert model._fisher_outputs(obs, mean, std)[0] is mean
+    # a full update with a subset still takes a step within the trust region
+    before = th.nn.utils.parameters_to_vector(params).detach().clone()
+    model.fisher_fraction = 0.25
+    model.learn(200, reset_num_timesteps=False)
+    assert not th.allclose(before, th.nn.utils.parameters_to_vector(params))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(critic_batch_size=0), "critic_batch_size"),
+        (dict(fisher_fraction=0.0), "fisher_fraction"),
+        (dict(fisher_fraction=1.5), "fisher_fraction"),
+        (dict(n_critic_epochs=0), "n_critic_epochs"),
+    ],
+)
+def test_speed_options_reject_bad_values(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _model(**kwargs)
+
+
+def test_rollout_sampling_path_matches_the_policy() -> None:
+    """The short action-sampling path of collection gives the policy's own mean and std (with VecNormalize too)."""
+    env = VecNormalize(DummyVecEnv([CostPendulum, CostPendulum]))
+    model = _model(env)
+    model._last_obs = env.reset()
+    th.manual_seed(3)
+    env_action, sample = model._sample_action(0, None, n_envs=2)
+    obs_tensor, _ = model.policy.obs_to_tensor(model._last_obs)
+    mean, std = model.policy.distribution(obs_tensor)
+    th.manual_seed(3)
+    expected = mean + std * th.randn_like(mean)
+    assert model._behaviour is not None
+    np.testing.assert_allclose(model._behaviour[0], mean.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model._behaviour[1], std.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(sample, expected.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(env_action, model.policy.unscale_action(np.clip(sample, -1, 1)), rtol=1e-6)
 
 
 def test_sb3_surface_callbacks_progress_bar_set_env_get_parameters() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from copy import deepcopy
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -20,6 +19,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
@@ -72,7 +72,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     :param line_search_decay: Step shrink factor of the backtracking line search
     :param line_search_max_iter: Maximum backtracking tries; after that the policy is kept
         unchanged and ``train/line_search_failed`` is 1
-    :param n_critic_epochs: Full-batch Adam steps per critic and update
+    :param n_critic_epochs: Passes over the batch per critic and update. With the default
+        ``critic_batch_size=None`` each pass is one full-batch Adam step (the paper).
+    :param critic_batch_size: Minibatch size of the critic fit, or ``None`` (default) for full-batch
+        steps. With a size, every pass shuffles the batch and takes one Adam step per minibatch
+        (a deviation from the paper, used by the ``cpu`` preset; docs/speed.md).
+    :param fisher_fraction: Fraction of the batch's states, drawn at random each update, on which
+        the Fisher-vector products of the conjugate gradient are computed. ``1.0`` (default) is
+        the paper; the original TRPO implementation used 0.1. Gradients, surrogates and the line
+        search always use the whole batch.
     :param max_grad_norm: Gradient-norm clip of each critic step
     :param cost_key: Key of the per-step cost in the env's ``info``
     :param learning_starts: Steps to collect before the first update. Unlike SAC, OffTRC always acts
@@ -114,6 +122,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         line_search_decay: float = 0.8,
         line_search_max_iter: int = 15,
         n_critic_epochs: int = 100,
+        critic_batch_size: int | None = None,
+        fisher_fraction: float = 1.0,
         max_grad_norm: float = 1.0,
         cost_key: str = "cost",
         learning_starts: int = 0,
@@ -170,6 +180,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.line_search_decay = line_search_decay
         self.line_search_max_iter = line_search_max_iter
         self.n_critic_epochs = n_critic_epochs
+        self.critic_batch_size = critic_batch_size
+        self.fisher_fraction = fisher_fraction
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
         self._check_hyperparameters()
@@ -204,6 +216,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             raise ValueError(f"max_kl must be positive, got {self.max_kl}")
         if not 0.0 < self.line_search_decay < 1.0 or self.line_search_max_iter < 1:
             raise ValueError("line_search_decay must lie in (0, 1) and line_search_max_iter must be >= 1")
+        if self.n_critic_epochs < 1:
+            raise ValueError(f"n_critic_epochs must be >= 1, got {self.n_critic_epochs}")
+        if self.critic_batch_size is not None and self.critic_batch_size < 1:
+            raise ValueError(
+                f"critic_batch_size must be a positive number of rows, or None for full-batch steps; "
+                f"got {self.critic_batch_size}"
+            )
+        if not 0.0 < self.fisher_fraction <= 1.0:
+            raise ValueError(f"fisher_fraction must lie in (0, 1], got {self.fisher_fraction}")
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -277,9 +298,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # the targets need the unclipped sample and the behaviour mean/std (SB3_NOTES.md).
         assert self._last_obs is not None, "self._last_obs was not set"
         with th.no_grad():
-            obs_tensor, _ = self.policy.obs_to_tensor(self._last_obs)
-            assert isinstance(obs_tensor, th.Tensor)
-            mean, std = self.policy.distribution(obs_tensor)
+            # The short path of obs_to_tensor() + extract_features(): Box observations from a VecEnv
+            # are already batched, and this runs once per env step (docs/speed.md).
+            obs = th.as_tensor(self._last_obs, device=self.device)
+            features = self.policy.features_extractor(
+                preprocess_obs(obs, self.observation_space, normalize_images=self.policy.normalize_images)
+            )
+            mean, std = self.policy.actor(features)
             sample = mean + std * th.randn_like(mean)
         sample_np = sample.cpu().numpy().reshape(n_envs, -1)
         self._behaviour = (mean.cpu().numpy().reshape(n_envs, -1), std.cpu().numpy().reshape(n_envs, -1))
@@ -287,6 +312,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         return env_action, sample_np
 
     def _check_finite(self, name: str, values: np.ndarray) -> None:
+        if np.isfinite(values).all():
+            return
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             idx = int(bad[0])
@@ -315,11 +342,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self._check_finite("reward", np.asarray(reward_, dtype=np.float64))
         self._check_finite("cost", costs)
 
-        next_obs = deepcopy(new_obs_)
-        assert isinstance(next_obs, np.ndarray)
-        for i, done in enumerate(dones):
+        assert isinstance(new_obs_, np.ndarray)
+        next_obs = new_obs_.copy()
+        for i in np.flatnonzero(dones):
             terminal = infos[i].get("terminal_observation")
-            if done and terminal is not None:
+            if terminal is not None:
                 # the VecEnv already reset: the true s' of the last transition is in the info
                 next_obs[i] = terminal
                 if self._vec_normalize_env is not None:
@@ -419,7 +446,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         g = flat_grad(objective, params, retain_graph=True)
         b = flat_grad(cvar, params, retain_graph=True)
         # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
-        hessian_vector_product = gaussian_fisher_vector_product(mean, std, params, self.damping)
+        fisher_mean, fisher_std = self._fisher_outputs(obs, mean, std)
+        hessian_vector_product = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, self.damping)
 
         hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
         hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
@@ -435,7 +463,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.logger.record("train/step_case", solution.case.name.lower())
         self.logger.record("train/step_case_id", int(solution.case))
 
-        ls_steps, ls_failed, kl_new, objective_new = 0, False, 0.0, 0.0
+        ls_steps, ls_failed, kl_new, objective_new, std_after = 0, False, 0.0, 0.0, std.detach()
         if solution.case == StepCase.SKIPPED:
             warnings.warn(f"OffTRC update {self._n_updates}: policy step skipped: {solution.reason}", stacklevel=2)
             self.logger.record("train/skip_reason", solution.reason, exclude="tensorboard")
@@ -444,19 +472,28 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 step = -solution.recovery_scale * hinv_b
             else:
                 step = (hinv_g - solution.nu * hinv_b) / solution.lam
-            ls_steps, ls_failed, kl_new, objective_new = self._line_search(
+            ls_steps, ls_failed, kl_new, objective_new, std_after = self._line_search(
                 params, step, surrogates, mean_k, std_k, objective.item(), cvar_k, margin, eps,
                 check_objective=solution.case != StepCase.RECOVERY,
             )  # fmt: skip
 
-        with th.no_grad():
-            _, std_after = policy.distribution(obs)
-            entropy = float(gaussian_entropy(std_after).mean())
+        entropy = float(gaussian_entropy(std_after).mean())
         self.logger.record("train/objective", objective_new)
         self.logger.record("train/kl", kl_new)
         self.logger.record("train/line_search_steps", ls_steps)
         self.logger.record("train/line_search_failed", int(ls_failed))
         self.logger.record("train/entropy", entropy)
+
+    def _fisher_outputs(self, obs: th.Tensor, mean: th.Tensor, std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """The policy outputs (with graph) on which the Fisher-vector products are computed."""
+        n_rows = obs.shape[0]
+        n_fisher = max(1, round(self.fisher_fraction * n_rows))
+        if n_fisher >= n_rows:
+            return mean, std
+        # A fresh forward pass on the subset: slicing the full outputs would backpropagate
+        # through every row's graph and save nothing.
+        rows = th.randperm(n_rows, device=obs.device)[:n_fisher]
+        return self.policy.distribution(obs[rows])
 
     def _line_search(
         self,
@@ -470,8 +507,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         margin: float,
         eps: float,
         check_objective: bool,
-    ) -> tuple[int, bool, float, float]:
-        """Bounded backtracking (§3.8). Returns (tries, failed, kl, objective); restores theta_k on failure."""
+    ) -> tuple[int, bool, float, float, th.Tensor]:
+        """Bounded backtracking (§3.8).
+
+        Returns (tries, failed, kl, objective, std of the new policy); restores theta_k on failure.
+        """
         theta_k = parameters_to_vector(params).detach().clone()
         with th.no_grad():
             for attempt in range(self.line_search_max_iter):
@@ -486,9 +526,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     and float(cvar) - cvar_k <= max(-margin, 0.0)
                 )
                 if ok:
-                    return attempt + 1, False, kl, float(objective)
+                    return attempt + 1, False, kl, float(objective), std
             vector_to_parameters(theta_k, params)
-        return self.line_search_max_iter, True, 0.0, objective_k
+        return self.line_search_max_iter, True, 0.0, objective_k, std_k
 
     def _fit_critics(
         self, obs: th.Tensor, reward_target: th.Tensor, cost_target: th.Tensor, std_target: th.Tensor
@@ -502,6 +542,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             ("cost_std_critic_loss", policy.cost_std_critic, policy.cost_std_optimizer, std_target),
         ]
         n_rows = features.shape[0]
+        if self.critic_batch_size is not None and self.critic_batch_size < n_rows:
+            for name, critic, optimizer, target in jobs:
+                self.logger.record(f"train/{name}", self._fit_minibatches(features, target, critic, optimizer))
+            return
         chunks = [
             (features[i : i + self.critic_chunk_size], slice(i, i + self.critic_chunk_size))
             for i in range(0, n_rows, self.critic_chunk_size)
@@ -520,6 +564,28 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 clip_grad_norm_(critic.parameters(), self.max_grad_norm)
                 optimizer.step()
             self.logger.record(f"train/{name}", total.item())
+
+    def _fit_minibatches(
+        self, features: th.Tensor, target: th.Tensor, critic: th.nn.Module, optimizer: th.optim.Optimizer
+    ) -> float:
+        """``n_critic_epochs`` shuffled passes of minibatch Adam steps; returns the last pass's mean loss."""
+        assert self.critic_batch_size is not None
+        n_rows, size = features.shape[0], self.critic_batch_size
+        params = list(critic.parameters())
+        last_pass = 0.0
+        for _ in range(self.n_critic_epochs):
+            order = th.randperm(n_rows, device=features.device)
+            total = th.zeros((), device=features.device)
+            for start in range(0, n_rows, size):
+                rows = order[start : start + size]
+                optimizer.zero_grad()
+                loss = 0.5 * th.mean((critic(features[rows]) - target[rows]) ** 2)
+                loss.backward()
+                clip_grad_norm_(params, self.max_grad_norm)
+                optimizer.step()
+                total = total + loss.detach() * rows.shape[0]
+            last_pass = float(total) / n_rows
+        return last_pass
 
     # ------------------------------------------------------------------------------ persistence
     def _excluded_save_params(self) -> list[str]:
