@@ -270,11 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, out)
     command_file = args.results / "command.txt"
-    command = command_file.read_text().strip() if command_file.exists() else None
+    commands = command_file.read_text().splitlines() if command_file.exists() else []
     provenance = ""
-    if command:
+    if commands:
         report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
-        provenance = f"Produced by `{command}` (its last invocation), then `{report_cmd}`.\n\n"
+        ran = "".join(f"    {command}\n" for command in commands if command.strip())
+        provenance = f"Produced by\n\n{ran}\nthen `{report_cmd}`.\n\n"
     body = provenance + table(runs)
     report = "# Benchmark results\n\n" + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
     (out / "report.md").write_text(report)

@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.force:
         _drop_records(out / "runs.jsonl", {spec.key for spec in todo})
-    (out / "command.txt").write_text(" ".join([Path(sys.executable).name, *sys.argv]) + "\n")
+    _record_command(out / "command.txt")
     failures = 0
     for summary in _map(todo, args.workers):
         if "error" in summary:
@@ -527,6 +527,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     return 1 if failures else 0
+
+
+def _record_command(path: Path) -> None:
+    """Append this invocation to the results' command log (a grid is often filled by several)."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    args = [arg.replace(root, "") for arg in sys.argv]  # paths inside the checkout, relative
+    line = " ".join(["python", *args])
+    lines = path.read_text().splitlines() if path.exists() else []
+    if line not in lines:
+        path.write_text("".join(f"{entry}\n" for entry in [*lines, line]))
 
 
 def _drop_records(path: Path, keys: set[str]) -> None:

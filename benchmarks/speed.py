@@ -147,6 +147,16 @@ def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, fl
     return result
 
 
+def collection_rate(env_id: str, params: dict[str, Any], steps: int) -> float:
+    """OffTRC's collection loop alone (action sampling, replay buffer, SB3's bookkeeping), no updates."""
+    from sb3_offtrc import OffTRC
+
+    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
+    model.learning_starts = 10**12  # never update
+    model.learn(200)
+    return timed_learn(model, steps)
+
+
 def batch_scaling(env_id: str, params: dict[str, Any]) -> list[dict[str, float]]:
     from sb3_offtrc import OffTRC
 
@@ -189,6 +199,7 @@ def main() -> None:
     result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000)
     result["offtrc_paper"] = offtrc_rate(args.env, get_preset("paper"), steps)
     result["offtrc_cpu"] = offtrc_rate(args.env, get_preset("cpu"), steps)
+    result["offtrc_collection_steps_per_s"] = collection_rate(args.env, get_preset("cpu"), 3 * steps)
     if args.batch_scaling:
         result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"))
 
@@ -208,6 +219,8 @@ def main() -> None:
         )
         phases = {k[len("phase_") : -len("_s")]: v for k, v in row.items() if k.startswith("phase_")}
         print("    phases of one update: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+    collect = result["offtrc_collection_steps_per_s"]
+    print(f"OffTRC collection only, no update: {collect:8.1f} env steps/s ({collect / env_rate:.0%} of env rate)")
     for row in result.get("batch_scaling_paper", []):
         n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
         print(f"  paper defaults n_batch={n_batch:>6}: update {seconds:.2f} s, {gflop:.0f} GFLOP")

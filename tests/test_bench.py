@@ -129,3 +129,10 @@ def test_force_reruns_and_replaces_the_record(bench_dir: Path) -> None:
     lines = (bench_dir / "runs.jsonl").read_text().splitlines()
     assert len(lines) == n_lines
     assert sum(json.loads(line)["algo"] == "ppo_lag" for line in lines) == 1
+    # both invocations that trained something are on record, and the report names them
+    commands = (bench_dir / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[1].endswith("--force") and "--algos ppo_lag" in commands[1]
+    proc = _run("benchmarks/report.py", "--results", str(bench_dir), "--out", str(bench_dir / "again"))
+    assert proc.returncode == 0, proc.stderr
+    report = (bench_dir / "again" / "report.md").read_text()
+    assert all(f"    {command}\n" in report for command in commands)
