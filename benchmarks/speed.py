@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import numpy as np
 import torch as th
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# measure this checkout's code, whatever sb3_offtrc the interpreter has installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def gemm_rate(size: int = 2048, repeats: int = 20) -> float:
