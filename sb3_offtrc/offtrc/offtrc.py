@@ -575,15 +575,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         last_pass = 0.0
         for _ in range(self.n_critic_epochs):
             order = th.randperm(n_rows, device=features.device)
+            # one gather per pass; the minibatches are then contiguous slices of the shuffled rows
+            shuffled_features, shuffled_target = features[order], target[order]
             total = th.zeros((), device=features.device)
             for start in range(0, n_rows, size):
-                rows = order[start : start + size]
+                inputs, wanted = shuffled_features[start : start + size], shuffled_target[start : start + size]
                 optimizer.zero_grad()
-                loss = 0.5 * th.mean((critic(features[rows]) - target[rows]) ** 2)
+                loss = 0.5 * th.mean((critic(inputs) - wanted) ** 2)
                 loss.backward()
                 clip_grad_norm_(params, self.max_grad_norm)
                 optimizer.step()
-                total = total + loss.detach() * rows.shape[0]
+                total = total + loss.detach() * wanted.shape[0]
             last_pass = float(total) / n_rows
         return last_pass
 
