@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,15 @@ import numpy as np
 import pandas as pd
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALGO_ORDER = ["offtrc", "sac_lag", "ppo_lag", "sac", "ppo"]
-LABELS = {"offtrc": "OffTRC", "sac_lag": "SAC-Lag", "ppo_lag": "PPO-Lag", "sac": "SAC", "ppo": "PPO"}
+ALGO_ORDER = ["offtrc", "offtrc_cpu", "sac_lag", "ppo_lag", "sac", "ppo"]
+LABELS = {
+    "offtrc": "OffTRC",
+    "offtrc_cpu": "OffTRC (cpu preset)",
+    "sac_lag": "SAC-Lag",
+    "ppo_lag": "PPO-Lag",
+    "sac": "SAC",
+    "ppo": "PPO",
+}
 
 
 @dataclass
@@ -50,6 +58,20 @@ class Run:
     @property
     def env_id(self) -> str:
         return str(self.summary["env_id"])
+
+    @property
+    def budget(self) -> int:
+        return int(self.summary.get("budget", self.summary["env_steps"]))
+
+
+def _budgets(env_runs: list[Run]) -> list[int]:
+    """The env's budgets, the one with most runs first (a longer trend run gets its own rows and figure)."""
+    counts = Counter(r.budget for r in env_runs)
+    return sorted(counts, key=lambda b: (-counts[b], b))
+
+
+def _algo_key(algo: str) -> int:
+    return ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER)
 
 
 def load_runs(results: Path) -> list[Run]:
@@ -149,10 +171,11 @@ def table(runs: list[Run]) -> str:
             "| " + " | ".join(COLUMNS) + " |",
             "|" + "---|" * len(COLUMNS),
         ]
-        algos = sorted({r.algo for r in env_runs}, key=lambda a: ALGO_ORDER.index(a) if a in ALGO_ORDER else 99)
-        for algo in algos:
-            group = [r for r in env_runs if r.algo == algo]
-            lines.append("| " + " | ".join(_row(algo, group, limit, sac_rate)) + " |")
+        for budget in _budgets(env_runs):
+            budget_runs = [r for r in env_runs if r.budget == budget]
+            for algo in sorted({r.algo for r in budget_runs}, key=_algo_key):
+                group = [r for r in budget_runs if r.algo == algo]
+                lines.append("| " + " | ".join(_row(algo, group, limit, sac_rate)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -194,8 +217,13 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    figures = []  # (env id, budget, runs, file name)
     for env_id in sorted({r.env_id for r in runs}):
-        env_runs = [r for r in runs if r.env_id == env_id]
+        all_env_runs = [r for r in runs if r.env_id == env_id]
+        for rank, budget in enumerate(_budgets(all_env_runs)):
+            name = f"curves_{env_id.replace('/', '_')}" + ("" if rank == 0 else f"_{budget // 1000}k")
+            figures.append((env_id, budget, [r for r in all_env_runs if r.budget == budget], name))
+    for env_id, budget, env_runs, name in figures:
         limit = env_runs[0].summary.get("episode_cost_limit")
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
         panels = [
@@ -204,8 +232,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             (axes[1, 0], "return", "training episode return (10-episode mean)", _train_series),
             (axes[1, 1], "cost", "training episode cost (10-episode mean)", _train_series),
         ]
-        algos = sorted({r.algo for r in env_runs}, key=lambda a: ALGO_ORDER.index(a) if a in ALGO_ORDER else 99)
-        for algo in algos:
+        for algo in sorted({r.algo for r in env_runs}, key=_algo_key):
             group = [r for r in env_runs if r.algo == algo]
             for ax, column, _, series_of in panels:
                 series = [series_of(r, column) for r in group]
@@ -230,9 +257,9 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         for ax in axes[1]:
             ax.set_xlabel("env steps")
         axes[0, 1].legend(fontsize=8)
-        fig.suptitle(f"{env_id}: mean ± std over seeds")
+        fig.suptitle(f"{env_id}, {budget:,} env steps: mean ± std over seeds")
         fig.tight_layout()
-        path = out / f"curves_{env_id.replace('/', '_')}.png"
+        path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

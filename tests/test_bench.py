@@ -136,3 +136,27 @@ def test_force_reruns_and_replaces_the_record(bench_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     report = (bench_dir / "again" / "report.md").read_text()
     assert all(f"    {command}\n" in report for command in commands)
+
+
+def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
+    """A trend run at a larger budget gets its own table row and figure, not averaged into the grid's."""
+    report = _load("report")
+
+    def run(algo: str, seed: int, budget: int, final_return: float) -> object:
+        steps = np.linspace(0, budget, 3)
+        curve = pd.DataFrame({"env_steps": steps, "eval_return": [0.0, 1.0, final_return], "eval_cost": [50.0, 30, 10]})
+        episodes = pd.DataFrame({"env_steps": steps, "return": [0.0, 1, 2], "cost": [40.0, 20, 5]})
+        summary = {
+            "algo": algo, "env_id": "E-v0", "seed": seed, "budget": budget, "env_steps": budget,
+            "episode_cost_limit": 25.0, "cost_limit": 0.025, "episode_length": 1000,
+            "final_eval": {"eval_return": final_return, "eval_cost": 10.0, "eval_cost_cvar": 20.0},
+            "train_cv_total": 100, "env_steps_per_s": 10.0, "env_steps_per_cpu_s": 10.0, "wall_time": 1.0,
+        }  # fmt: skip
+        return report.Run(summary, curve, episodes)
+
+    runs = [run("offtrc_cpu", 0, 1000, 2.0), run("offtrc_cpu", 1, 1000, 4.0), run("offtrc_cpu", 9, 5000, 100.0)]
+    rows = [line for line in report.table(runs).splitlines() if line.startswith("| OffTRC (cpu preset)")]
+    assert len(rows) == 2
+    assert "| 2 | 1,000 | 3.00 ± 1.00 |" in rows[0] and "| 1 | 5,000 | 100.00 |" in rows[1]
+    names = sorted(path.name for path in report.plot(runs, tmp_path))
+    assert names == ["curves_E-v0.png", "curves_E-v0_5k.png"]
