@@ -85,13 +85,17 @@ def _fill_without_updates(model: Any) -> None:
     model.learning_starts = 0
 
 
+def _update_batch(model: Any) -> Any:
+    """The batch ``OffTRC.train`` would draw: the recent window plus older ones, ``n_batch`` rows."""
+    n_envs = model.n_envs
+    return model.replay_buffer.sample_windows(model.n_recent // n_envs, (model.n_batch - model.n_recent) // n_envs)
+
+
 def update_profile(model: Any) -> tuple[float, float]:
     """Wall time and matmul FLOPs of one full OffTRC update on a fresh batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    buffer = model.replay_buffer
-    n_envs = model.n_envs
-    batch = buffer.sample_windows(model.n_recent // n_envs, (model.n_batch - model.n_recent) // n_envs)
+    batch = _update_batch(model)
     start = time.perf_counter()
     model._update(batch)
     elapsed = time.perf_counter() - start
@@ -103,8 +107,7 @@ def update_profile(model: Any) -> tuple[float, float]:
 
 def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, float]:
     """Seconds spent in the three phases of one update, and optionally torch.profiler's op table."""
-    buffer = model.replay_buffer
-    batch = buffer.sample_windows(model.n_recent // model.n_envs, (model.n_batch - model.n_recent) // model.n_envs)
+    batch = _update_batch(model)
     phases: dict[str, float] = {}
     originals = {name: getattr(model, name) for name in ("_policy_step", "_fit_critics")}
 

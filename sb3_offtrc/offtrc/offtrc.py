@@ -19,7 +19,6 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
@@ -298,13 +297,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # the targets need the unclipped sample and the behaviour mean/std (SB3_NOTES.md).
         assert self._last_obs is not None, "self._last_obs was not set"
         with th.no_grad():
-            # The short path of obs_to_tensor() + extract_features(): Box observations from a VecEnv
-            # are already batched, and this runs once per env step (docs/speed.md).
-            obs = th.as_tensor(self._last_obs, device=self.device)
-            features = self.policy.features_extractor(
-                preprocess_obs(obs, self.observation_space, normalize_images=self.policy.normalize_images)
-            )
-            mean, std = self.policy.actor(features)
+            # VecEnv observations are already batched: obs_to_tensor()'s checks are not needed here.
+            mean, std = self.policy.distribution(th.as_tensor(self._last_obs, device=self.device))
             sample = mean + std * th.randn_like(mean)
         sample_np = sample.cpu().numpy().reshape(n_envs, -1)
         self._behaviour = (mean.cpu().numpy().reshape(n_envs, -1), std.cpu().numpy().reshape(n_envs, -1))
@@ -314,13 +308,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     def _check_finite(self, name: str, values: np.ndarray) -> None:
         if np.isfinite(values).all():
             return
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            idx = int(bad[0])
-            raise ValueError(
-                f"Non-finite {name} {values[idx]} at env step {self.num_timesteps} from env index {idx}; "
-                f"OffTRC cannot learn from NaN/inf {name}s — check the environment (or its {name} wrapper)."
-            )
+        idx = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(
+            f"Non-finite {name} {values[idx]} at env step {self.num_timesteps} from env index {idx}; "
+            f"OffTRC cannot learn from NaN/inf {name}s — check the environment (or its {name} wrapper)."
+        )
 
     def _store_transition(
         self,
