@@ -42,6 +42,12 @@ LABELS = {
     "ppo_lag": "PPO-Lag",
     "sac": "SAC",
     "ppo": "PPO",
+    # benchmarks/run.py --preset-check: the cpu preset with one setting changed
+    "offtrc_cpu_fisher1": "cpu preset, Fisher on all states",
+    "offtrc_cpu_10passes": "cpu preset, 10 critic passes",
+    "offtrc_cpu_lr3e-4": "cpu preset, lr 3e-4",
+    "offtrc_cpu_256": "cpu preset, 256-wide nets",
+    "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
 }
 
 
@@ -70,8 +76,9 @@ def _budgets(env_runs: list[Run]) -> list[int]:
     return sorted(counts, key=lambda b: (-counts[b], b))
 
 
-def _algo_key(algo: str) -> int:
-    return ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER)
+def _algo_key(algo: str) -> tuple[int, str]:
+    """Known algorithms in ALGO_ORDER, then the rest (e.g. preset variants) by name."""
+    return (ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER), algo)
 
 
 def load_runs(results: Path) -> list[Run]:
