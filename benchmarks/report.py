@@ -44,6 +44,7 @@ LABELS = {
     "ppo": "PPO",
     # benchmarks/run.py --preset-check: the cpu preset with one setting changed
     "offtrc_cpu_fisher1": "cpu preset, Fisher on all states",
+    "offtrc_cpu_fisher0.5": "cpu preset, Fisher on half the states",
     "offtrc_cpu_10passes": "cpu preset, 10 critic passes",
     "offtrc_cpu_lr3e-4": "cpu preset, lr 3e-4",
     "offtrc_cpu_256": "cpu preset, 256-wide nets",
