@@ -201,10 +201,7 @@ class RunSpec:
     hyperparams: dict[str, Any]
     out: str
     #: the ALGORITHMS entry to instantiate (``algo`` itself unless it is a preset's variant)
-    base: str = ""
-
-    def __post_init__(self) -> None:
-        self.base = self.base or self.algo
+    base: str
 
     @property
     def run_dir(self) -> Path:
