@@ -122,6 +122,51 @@ def test_unknown_env_lists_ids(tmp_path, capsys) -> None:
     assert "HazardPoint-v0" in err and "OffTRC/SafetyPointGoal1-v0" in err
 
 
+USER_ENV_MODULE = """
+import gymnasium as gym
+import numpy as np
+
+
+class CostLine(gym.Env):
+    observation_space = gym.spaces.Box(-10, 10, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = np.zeros(1, np.float32)
+        return self.x.copy(), {}
+
+    def step(self, action):
+        self.x = np.clip(self.x + 0.1 * np.asarray(action, np.float32), -10, 10)
+        return self.x.copy(), float(self.x[0]), False, False, {"cost": float(self.x[0] > 1.0)}
+
+
+gym.register("CliUserCostLine-v0", entry_point=CostLine, max_episode_steps=50)
+"""
+
+
+def test_train_and_eval_a_user_env_by_module_prefix(tmp_path, monkeypatch, capsys) -> None:
+    # the env is registered only when its module is imported: "module:EnvId" must import it
+    (tmp_path / "cli_user_envs.py").write_text(USER_ENV_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "user")
+    env = "cli_user_envs:CliUserCostLine-v0"
+    argv = ["train", "--algo", "sac", "--env", env, "--timesteps", "150", "--out", out, "--hyperparams", *SMALL_SAC]
+    assert main(argv) == 0
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["env_id"] == env
+    capsys.readouterr()
+    assert main(["eval", out, "--episodes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mean_ep_length"] == 50.0 and result["cost_limit"] is None
+
+
+def test_unimportable_env_module_names_the_fix(tmp_path, capsys) -> None:
+    assert main(["train", "--env", "no_such_module_xyz:Foo-v0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_module_xyz" in err and "PYTHONPATH" in err
+
+
 def test_module_entry_point_help() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

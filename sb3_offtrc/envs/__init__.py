@@ -14,6 +14,8 @@ a string. ``gym.make("sb3_offtrc.envs:<id>")`` imports this package itself, whic
 
 from __future__ import annotations
 
+import importlib
+
 import gymnasium as gym
 
 from sb3_offtrc.envs.hazard_point import SUGGESTED_COST_LIMIT, HazardPointEnv
@@ -60,9 +62,22 @@ def resolve_env_id(env_id: str, cost: str | None = None) -> str:
     ``OffTRC/...`` ids (``cost="smooth"`` picks the smooth variant); other registered ids are
     returned unchanged.
 
-    :raises ValueError: for an id that is neither ours nor registered, listing what is available.
+    A ``"module:EnvId"`` id (gymnasium's own convention, also understood by ``gym.make``) imports
+    ``module`` first, so an env that a user's module registers on import is found here and in
+    ``SubprocVecEnv`` workers alike; the id is returned with its prefix.
+
+    :raises ValueError: for an id that is neither ours nor registered, listing what is available,
+        or for a ``module:`` prefix that cannot be imported.
     """
-    name = env_id.split(":", 1)[-1]
+    module, sep, name = env_id.rpartition(":")
+    if sep and module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(
+                f"cannot import {module!r} for env id {env_id!r} ({exc}); "
+                "put the module on PYTHONPATH or install its package"
+            ) from exc
     if name in HAZARD_POINT_IDS:
         return "HazardPointSmooth-v0" if cost == "smooth" else name
     base, chosen = _parse(name, cost)
