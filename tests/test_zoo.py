@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -130,6 +131,20 @@ def test_zoo_train_smoke(tmp_path: Path) -> None:
 
     model = OffTRC.load(run / "HazardPoint-v0.zip", device="cpu")
     assert model.n_recent == 100 and model.cost_limit == 0.025
+
+    # enjoy replays it and prints costs next to rl-zoo3's reward lines (HazardPoint: 100-step episodes)
+    result = _zoo_cmd(
+        "enjoy", "--algo", "offtrc", "--env", "HazardPoint-v0", "-f", "logs", "--exp-id", "1", "--no-render",
+        "-n", "250", "--cvar-alpha", "0.5", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    costs = [float(m) for m in re.findall(r"^Episode Cost: ([0-9.]+) \(violations: \d+\)$", result.stdout, re.M)]
+    assert len(costs) == 2 and result.stdout.count("Episode Reward:") == 2
+    mean = re.search(r"^Mean episode cost: ([0-9.]+) \+/- ([0-9.]+)$", result.stdout, re.M)
+    cvar = re.search(r"^Episode cost CVaR\(0.5\): ([0-9.]+)$", result.stdout, re.M)
+    assert mean and cvar
+    assert float(mean.group(1)) == pytest.approx(np.mean(costs), abs=0.01)
+    assert float(cvar.group(1)) == pytest.approx(max(costs), abs=0.01)  # the worse half of two episodes
 
 
 def test_zoo_optimize_two_workers_share_sqlite(tmp_path: Path) -> None:
@@ -346,3 +361,47 @@ def test_hyperparams_entry_builds_a_model(
     assert model.cost_limit == 0.025
     if algo == "offtrc":
         assert model.cvar_alpha == 0.125
+
+
+# ------------------------------------------------------------------------------ enjoy's cost lines
+def test_enjoy_cost_reporter_matches_cost_monitor() -> None:
+    import io
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import sb3_offtrc.envs  # noqa: F401
+    from sb3_offtrc.common.monitor import CostMonitor
+    from sb3_offtrc.zoo.enjoy import VecEpisodeCostReporter
+
+    monitors = [CostMonitor(gym.make("HazardPoint-v0")) for _ in range(2)]
+    out = io.StringIO()
+    venv = VecEpisodeCostReporter(DummyVecEnv([lambda m=m: m for m in monitors]), cvar_alpha=0.5, stream=out)
+    venv.seed(0)
+    venv.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(250):  # two full 100-step episodes per copy, the third unfinished
+        venv.step(rng.uniform(-1, 1, size=(2, 2)).astype(np.float32))
+    expected = sorted(c for m in monitors for c in m.get_episode_costs())
+    assert len(expected) == 4 and sorted(venv.episode_costs) == pytest.approx(expected)
+    assert sorted(venv.episode_cvs) == sorted(v for m in monitors for v in m.get_episode_cvs())
+    assert out.getvalue().count("[env 1] Episode Cost:") == 2
+    stats = venv.summary()
+    assert stats is not None and stats["cost_cvar"] == pytest.approx(np.mean(expected[2:]))
+    venv.close()
+    assert "Mean episode cost:" in out.getvalue()
+
+
+def test_enjoy_cost_reporter_without_cost_says_so_once() -> None:
+    import io
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_offtrc.zoo.enjoy import VecEpisodeCostReporter
+
+    out = io.StringIO()
+    venv = VecEpisodeCostReporter(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), stream=out)
+    venv.reset()
+    for _ in range(210):
+        venv.step(np.zeros((1, 1), dtype=np.float32))
+    venv.close()
+    assert out.getvalue().count("episode costs are not reported") == 1 and venv.summary() is None

@@ -17,6 +17,10 @@ Constraint flags (train and optimize):
 ``--constraint-metric M``  ``mean``, ``cvar`` or ``auto`` (CVaR for OffTRC, else the mean)
 ``--eval-cost-limit D``    episode cost limit (default: ``cost_limit`` of the file x episode length)
 
+Cost flags (enjoy): ``--cost-key K`` (default ``cost``) and ``--cvar-alpha A`` (default 0.125);
+``enjoy`` prints each episode's cost and violations next to rl-zoo3's reward lines, and their
+mean and CVaR at the end (:class:`sb3_offtrc.zoo.enjoy.VecEpisodeCostReporter`).
+
 Everything else is rl-zoo3's: ``python -m sb3_offtrc.zoo train --help`` lists it.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS = ("train", "enjoy", "optimize")
 USAGE = f"usage: python -m sb3_offtrc.zoo {{{','.join(COMMANDS)}}} [rl-zoo3 flags] (try: train --help)"
@@ -105,6 +110,47 @@ def add_default_config(argv: list[str]) -> None:
     argv += ["--conf-file", str(path)]
 
 
+def enjoy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_offtrc.zoo enjoy",
+        description="Cost flags of sb3_offtrc.zoo enjoy (all other flags are rl-zoo3's, listed below).",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--cost-key", default="cost", help="info key of the step cost")
+    parser.add_argument("--cvar-alpha", type=float, default=0.125, help="tail fraction of the episode-cost CVaR")
+    return parser
+
+
+def _enjoy_with_costs(rest: list[str]) -> None:
+    """rl-zoo3's ``enjoy`` with its test env wrapped in :class:`VecEpisodeCostReporter`."""
+    import rl_zoo3.enjoy
+
+    from sb3_offtrc.zoo.enjoy import VecEpisodeCostReporter
+
+    parser = enjoy_parser()
+    if {"-h", "--help"} & set(rest):
+        parser.print_help()
+        print()
+    settings, rest = parser.parse_known_args(rest)
+    found = _flag_value(rest, "--verbose")
+    verbose = int(found[1]) if found is not None else 1  # rl-zoo3's default
+    original = rl_zoo3.enjoy.create_test_env
+
+    def create_test_env(*args: Any, **kwargs: Any) -> VecEpisodeCostReporter:
+        return VecEpisodeCostReporter(
+            original(*args, **kwargs), cost_key=settings.cost_key, cvar_alpha=settings.cvar_alpha, verbose=verbose
+        )
+
+    # enjoy() looks create_test_env up in its module's namespace when it runs
+    vars(rl_zoo3.enjoy)["create_test_env"] = create_test_env
+    try:
+        sys.argv = ["python -m sb3_offtrc.zoo enjoy", *rest]
+        rl_zoo3.enjoy.enjoy()
+    finally:
+        vars(rl_zoo3.enjoy)["create_test_env"] = original
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m sb3_offtrc.zoo``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -124,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rewrite_env(rest)
     if command == "enjoy":
-        sys.argv = ["python -m sb3_offtrc.zoo enjoy", *rest]
-        rl_zoo3.enjoy.enjoy()
+        _enjoy_with_costs(rest)
         return
 
     parser = constraint_parser()
@@ -151,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     rl_zoo3.train.train()
 
 
-__all__ = ["COMMANDS", "add_default_config", "constraint_parser", "main", "rewrite_env"]
+__all__ = ["COMMANDS", "add_default_config", "constraint_parser", "enjoy_parser", "main", "rewrite_env"]
