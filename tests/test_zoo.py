@@ -38,7 +38,7 @@ import yaml  # noqa: E402  (rl-zoo3 depends on it)
 from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HYPERPARAMS = ROOT / "hyperparams"
+HYPERPARAMS = ROOT / "sb3_offtrc" / "zoo" / "hyperparams"
 ZOO_FILES = {algo: HYPERPARAMS / f"{algo}.yml" for algo in ("offtrc", "sac_lag", "ppo_lag")}
 # small enough for a few hundred steps on two busy cores
 TINY_OFFTRC = {
@@ -405,3 +405,20 @@ def test_enjoy_cost_reporter_without_cost_says_so_once() -> None:
         venv.step(np.zeros((1, 1), dtype=np.float32))
     venv.close()
     assert out.getvalue().count("episode costs are not reported") == 1 and venv.summary() is None
+
+
+def test_hyperparameter_files_ship_with_the_package() -> None:
+    import fnmatch
+
+    import tomllib
+
+    from sb3_offtrc.zoo import HYPERPARAMS_DIR, ZOO_ALGOS, default_config
+
+    package = ROOT / "sb3_offtrc"
+    assert HYPERPARAMS_DIR.is_relative_to(package)
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sb3_offtrc"]
+    files = sorted(HYPERPARAMS_DIR.iterdir())
+    assert {default_config(algo) for algo in ZOO_ALGOS} <= set(files)
+    for path in files:  # a file no package-data pattern matches would be missing from wheels
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative

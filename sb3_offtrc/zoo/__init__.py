@@ -12,7 +12,7 @@ RL needs (:mod:`sb3_offtrc.zoo.experiment`):
 - the Optuna study lives in an SQLite file by default, so several worker processes (or machines,
   with a database URL) can share it.
 
-Hyperparameter files are in the repository's ``hyperparams/`` folder (``offtrc.yml``,
+Hyperparameter files ship with the package in ``sb3_offtrc/zoo/hyperparams/`` (``offtrc.yml``,
 ``sac_lag.yml``, ``ppo_lag.yml``). Nothing here imports rl-zoo3 until it is used: install it with
 the ``zoo`` extra (``pip install -c constraints.txt -e ".[zoo]"``).
 """
@@ -34,7 +34,7 @@ ZOO_ALGOS: dict[str, tuple[str, str]] = {
 }
 
 #: the repository's hyperparameter folder (present in a source checkout / editable install)
-HYPERPARAMS_DIR = Path(__file__).resolve().parents[2] / "hyperparams"
+HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 
 ZOO_MISSING = (
     "rl-zoo3 is not installed. Install the `zoo` extra without upgrading gymnasium: "
@@ -49,7 +49,7 @@ def algo_class(name: str) -> type[BaseAlgorithm]:
 
 
 def default_config(algo: str) -> Path:
-    """``hyperparams/<algo>.yml`` of this repository (may not exist outside a source checkout)."""
+    """``<algo>.yml`` of the hyperparameter files shipped in ``sb3_offtrc/zoo/hyperparams/``."""
     return HYPERPARAMS_DIR / f"{algo}.yml"
 
 

@@ -7,7 +7,7 @@
 2. maps user-facing env names to registered ids (``--env SafetyPointGoal1-v0`` becomes
    ``OffTRC/SafetyPointGoal1-v0``, whose step info carries the cost; see
    :func:`sb3_offtrc.envs.resolve_env_id`);
-3. points ``--conf-file`` at ``hyperparams/<algo>.yml`` of this repository for our algorithms
+3. points ``--conf-file`` at the packaged ``sb3_offtrc/zoo/hyperparams/<algo>.yml`` for our algorithms
    when it is not given;
 4. takes out the constraint flags below and installs :class:`SafeExperimentManager` with them.
 
@@ -94,7 +94,7 @@ def rewrite_env(argv: list[str]) -> None:
 
 
 def add_default_config(argv: list[str]) -> None:
-    """``--conf-file hyperparams/<algo>.yml`` for our algorithms, unless one is given."""
+    """``--conf-file sb3_offtrc/zoo/hyperparams/<algo>.yml`` for our algorithms, unless one is given."""
     from sb3_offtrc.zoo import ZOO_ALGOS, default_config
 
     if _flag_value(argv, "--conf-file", "-conf") is not None:
@@ -105,7 +105,7 @@ def add_default_config(argv: list[str]) -> None:
     path = default_config(found[1])
     if not path.is_file():
         raise SystemExit(
-            f"sb3_offtrc.zoo: {path} not found (it ships with the source checkout); pass --conf-file <file.yml>"
+            f"sb3_offtrc.zoo: {path} not found (a broken install? reinstall sb3-offtrc); pass --conf-file <file.yml>"
         )
     argv += ["--conf-file", str(path)]
 
