@@ -521,3 +521,21 @@ def test_sb3_surface_callbacks_progress_bar_set_env_get_parameters() -> None:
     assert model.ep_cost_buffer[-1] == pytest.approx(100.0)  # 50 steps x 2.0 in the new env
     with pytest.raises(AssertionError, match="number of environments"):  # SB3's own check
         model.set_env(make_vec_env(lambda: CostPendulum(), n_envs=2))
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("speed_options", [{}, {"critic_batch_size": 100, "fisher_fraction": 0.5}])
+def test_cuda_learns_saves_and_loads_on_cpu(tmp_path: Any, speed_options: dict[str, Any]) -> None:
+    model = _model(device="cuda", **speed_options)
+    model.learn(300)
+    assert model._n_updates == 3  # at 100, 200 and 300 steps
+    assert all(p.device.type == "cuda" for p in model.policy.parameters())
+    assert model.replay_buffer.device.type == "cuda"
+    obs = np.stack([model.env.observation_space.sample() for _ in range(8)])
+    on_gpu = model.predict(obs, deterministic=True)[0]
+    model.save(tmp_path / "m.zip")
+    on_cpu = OffTRC.load(tmp_path / "m.zip", device="cpu")
+    np.testing.assert_allclose(on_cpu.predict(obs, deterministic=True)[0], on_gpu, atol=1e-5)
+    back = OffTRC.load(tmp_path / "m.zip", env=CostPendulum(), device="cuda")
+    back.learn(100, reset_num_timesteps=False)
+    assert back.num_timesteps == 400
