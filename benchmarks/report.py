@@ -9,7 +9,9 @@ next to them:
   episode cost and its CVaR, total training-time constraint violations, env steps until the eval
   cost stays under the limit, training env-steps per wall-clock second and per CPU second of the
   run's process (evaluation excluded), and the CPU-second rate relative to SAC's on the same env
-  (the CPU figure is the steadier one on a shared machine).
+  (the CPU figure is the steadier one on a shared machine); then, where OffTRC with the paper's
+  settings has two or more seeds, every other algorithm's training violations against it, with a
+  one-sided permutation p-value over seeds.
 
 Usage::
 
@@ -20,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -160,6 +163,84 @@ def _row(algo: str, group: list[Run], limit: float | None, sac_rate: float) -> l
         "–" if math.isnan(sac_rate) else f"{np.mean(cpu_rates) / sac_rate:.2f}",
         _mean_std([r.summary["wall_time"] for r in group], "{:,.0f}"),
     ]
+
+
+def permutation_p_value(
+    reference: list[float], other: list[float], max_exact: int = 50_000, n_resamples: int = 50_000, seed: int = 0
+) -> float:
+    """One-sided permutation p-value of ``mean(other) - mean(reference)`` being this large by chance.
+
+    Under the null hypothesis the seeds of both groups are exchangeable; the p-value is the share of
+    the ways to split the pooled values into groups of the same sizes whose difference of means is at
+    least the observed one. Exact (every split) up to ``max_exact`` splits, otherwise estimated from
+    ``n_resamples`` random splits with the observed split counted once (so p > 0).
+    """
+    pooled = np.asarray([*reference, *other], dtype=float)
+    n_ref, n = len(reference), len(reference) + len(other)
+    if n_ref == 0 or n_ref == n:
+        raise ValueError("both groups need at least one value")
+    total = pooled.sum()
+
+    def diff(ref_sum: np.ndarray | float) -> np.ndarray | float:
+        return (total - ref_sum) / (n - n_ref) - ref_sum / n_ref
+
+    observed = diff(float(np.sum(reference)))
+    tolerance = 1e-9 * max(1.0, abs(observed))
+    if math.comb(n, n_ref) <= max_exact:
+        sums = np.array([pooled[list(idx)].sum() for idx in itertools.combinations(range(n), n_ref)])
+        return float(np.mean(diff(sums) >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    draws = np.array([pooled[rng.permutation(n)[:n_ref]].sum() for _ in range(n_resamples)])
+    return float((np.sum(diff(draws) >= observed - tolerance) + 1) / (n_resamples + 1))
+
+
+REFERENCE_ALGO = "offtrc"  # the paper's settings: what the preset and its variants must not do worse than
+
+
+def violations_against_reference(runs: list[Run]) -> str:
+    """Per env and budget: each algorithm's training violations against the paper-settings OffTRC runs.
+
+    Empty when no env has at least two reference seeds.
+    """
+    lines: list[str] = []
+    for env_id in sorted({r.env_id for r in runs}):
+        env_runs = [r for r in runs if r.env_id == env_id]
+        for budget in _budgets(env_runs):
+            budget_runs = [r for r in env_runs if r.budget == budget]
+            reference = [float(r.summary["train_cv_total"]) for r in budget_runs if r.algo == REFERENCE_ALGO]
+            others = sorted({r.algo for r in budget_runs} - {REFERENCE_ALGO}, key=_algo_key)
+            if len(reference) < 2 or not others:
+                continue
+            lines += [
+                f"#### {env_id}, {budget:,} steps: against {LABELS[REFERENCE_ALGO]} with the paper's settings "
+                f"({len(reference)} seeds, mean {np.mean(reference):,.0f} violations)",
+                "",
+                "| algorithm | seeds | mean violations | difference | p (more violations by chance) |",
+                "|---|---|---|---|---|",
+            ]
+            for algo in others:
+                values = [float(r.summary["train_cv_total"]) for r in budget_runs if r.algo == algo]
+                if len(values) < 2:
+                    continue
+                p = permutation_p_value(reference, values)
+                lines.append(
+                    f"| {LABELS.get(algo, algo)} | {len(values)} | {np.mean(values):,.0f} | "
+                    f"{np.mean(values) - np.mean(reference):+,.0f} | {p:.3f} |"
+                )
+            lines.append("")
+    if not lines:
+        return ""
+    header = [
+        "### Training violations against the paper's settings",
+        "",
+        "One-sided permutation test over seeds: the share of the ways to split the pooled seeds into "
+        "groups of the same sizes whose difference of means is at least the observed one (every split "
+        "up to 50,000 of them). A small p says the difference is unlikely to be seed luck; a large one "
+        "says these seeds cannot tell the two apart, not that they are equal. Each row is its own test: "
+        "among several rows, a small p now and then is expected by chance.",
+        "",
+    ]
+    return "\n".join(header + lines)
 
 
 def table(runs: list[Run]) -> str:
@@ -311,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
         ran = "".join(f"    {command}\n" for command in commands if command.strip())
         provenance = f"Produced by\n\n{ran}\nthen `{report_cmd}`.\n\n"
-    body = provenance + table(runs)
+    comparison = violations_against_reference(runs)
+    body = provenance + table(runs) + (f"\n{comparison}" if comparison else "")
     report = "# Benchmark results\n\n" + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
     (out / "report.md").write_text(report)
     print(report)

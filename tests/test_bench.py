@@ -185,3 +185,43 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
     proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher1", "--dry-run")
     assert proc.returncode == 2
     assert "not in the quick grid" in proc.stderr and "sac_lag" in proc.stderr
+
+
+def test_permutation_p_value_matches_scipy() -> None:
+    from scipy import stats
+
+    report = _load("report")
+    rng = np.random.default_rng(3)
+    for n_ref, n_other, shift in ((5, 10, 0.0), (3, 3, 2.0), (4, 7, -1.0), (2, 2, 0.5)):
+        ref = rng.normal(size=n_ref).round(1).tolist()  # rounding makes ties, which must count as "at least"
+        other = (rng.normal(size=n_other) + shift).round(1).tolist()
+        expected = stats.permutation_test(
+            (ref, other), lambda x, y: np.mean(y) - np.mean(x), permutation_type="independent",
+            alternative="greater", n_resamples=np.inf,
+        ).pvalue  # fmt: skip
+        assert report.permutation_p_value(ref, other) == pytest.approx(expected, abs=1e-12)
+        # the Monte Carlo branch estimates the same number (standard error below 0.004 here)
+        estimate = report.permutation_p_value(ref, other, max_exact=0, n_resamples=20_000)
+        assert estimate == pytest.approx(expected, abs=0.02)
+    with pytest.raises(ValueError):
+        report.permutation_p_value([], [1.0])
+
+
+def test_report_compares_violations_with_the_paper_settings() -> None:
+    report = _load("report")
+
+    def run(algo: str, seed: int, violations: int) -> object:
+        curve = pd.DataFrame({"env_steps": [0, 100], "eval_return": [0.0, 1.0], "eval_cost": [5.0, 1.0]})
+        summary = {
+            "algo": algo, "env_id": "E-v0", "seed": seed, "budget": 100, "env_steps": 100,
+            "train_cv_total": violations,
+        }  # fmt: skip
+        return report.Run(summary, curve, curve)
+
+    runs = [run("offtrc", s, v) for s, v in enumerate((10, 20, 30))]
+    runs += [run("offtrc_cpu", s, v) for s, v in enumerate((40, 50, 60))] + [run("sac", 0, 5)]
+    text = report.violations_against_reference(runs)
+    # all three preset seeds above all three paper seeds: 1 split in C(6, 3) = 20
+    assert "| OffTRC (cpu preset) | 3 | 50 | +30 | 0.050 |" in text
+    assert "SAC" not in text  # one seed is not compared
+    assert report.violations_against_reference(runs[3:]) == ""  # no paper-settings runs
