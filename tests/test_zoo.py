@@ -191,6 +191,13 @@ def test_zoo_optimize_two_workers_share_sqlite(tmp_path: Path) -> None:
     assert any("Best feasible trial" in out or "No complete trial met" in out for out in outputs)
 
 
+def test_enjoy_rejects_a_bad_cvar_alpha(zoo: ModuleType) -> None:
+    from sb3_offtrc.zoo.cli import main
+
+    with pytest.raises(SystemExit, match="cvar-alpha"):
+        main(["enjoy", "--algo", "offtrc", "--env", "HazardPoint-v0", "--cvar-alpha", "1.5"])
+
+
 def test_zoo_rejects_unknown_command() -> None:
     from sb3_offtrc.zoo.cli import main
 

@@ -33,7 +33,7 @@ ZOO_ALGOS: dict[str, tuple[str, str]] = {
     "ppo_lag": ("sb3_offtrc.lagrangian", "PPOLagrangian"),
 }
 
-#: the repository's hyperparameter folder (present in a source checkout / editable install)
+#: the hyperparameter files shipped with the package (package data, so every install has them)
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 
 ZOO_MISSING = (

@@ -133,6 +133,8 @@ def _enjoy_with_costs(rest: list[str]) -> None:
         parser.print_help()
         print()
     settings, rest = parser.parse_known_args(rest)
+    if not 0.0 < settings.cvar_alpha <= 1.0:
+        raise SystemExit(f"--cvar-alpha must lie in (0, 1], got {settings.cvar_alpha}")
     found = _flag_value(rest, "--verbose")
     verbose = int(found[1]) if found is not None else 1  # rl-zoo3's default
     original = rl_zoo3.enjoy.create_test_env
