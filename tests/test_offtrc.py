@@ -13,6 +13,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from sb3_offtrc import OffTRC
@@ -310,6 +311,31 @@ def test_bad_hyperparameters() -> None:
         _model(cvar_alpha=0.0)
     with pytest.raises(ValueError, match="n_recent"):
         _model(n_recent=400)
+
+
+class LinearExtractor(BaseFeaturesExtractor):
+    def __init__(self, observation_space: spaces.Box, frozen: bool = False) -> None:
+        super().__init__(observation_space, features_dim=8)
+        self.linear = th.nn.Linear(int(np.prod(observation_space.shape)), 8)
+        self.linear.requires_grad_(not frozen)
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        return self.linear(obs)
+
+
+def test_trainable_features_extractor_is_refused_frozen_one_is_used() -> None:
+    # nothing in OffTRC's update would train it: refusing beats a silent frozen random projection
+    with pytest.raises(ValueError, match="net_arch"):
+        _model(policy_kwargs=dict(net_arch=[16], features_extractor_class=LinearExtractor))
+    model = _model(
+        policy_kwargs=dict(
+            net_arch=[16], features_extractor_class=LinearExtractor, features_extractor_kwargs=dict(frozen=True)
+        )
+    )
+    weight = model.policy.features_extractor.linear.weight.detach().clone()
+    model.learn(200)
+    assert model._n_updates == 2
+    th.testing.assert_close(model.policy.features_extractor.linear.weight, weight)
 
 
 # ---------------------------------------------------------------------- numerical faults

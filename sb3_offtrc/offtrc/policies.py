@@ -83,7 +83,8 @@ class OffTRCPolicy(BasePolicy):
     :param log_std_init: Initial log-std in [-1, 1] action units (default ``-1 + ln 2``, i.e. the
         authors' -1 in [0, 1] units)
     :param log_std_bounds: Clamp of the log-std head in [0, 1] units shifted to [-1, 1] units
-    :param features_extractor_class: Features extractor (default flatten)
+    :param features_extractor_class: Features extractor (default flatten). It must have no trainable
+        parameters (a frozen pretrained encoder is fine): OffTRC updates only the actor and critics
     :param features_extractor_kwargs: Its keyword arguments
     :param normalize_images: Whether to divide image observations by 255
     :param optimizer_class: Critic optimiser class (default Adam)
@@ -127,6 +128,17 @@ class OffTRCPolicy(BasePolicy):
         self.log_std_bounds = tuple(log_std_bounds)
 
         self.features_extractor = self.make_features_extractor()
+        trainable = [name for name, p in self.features_extractor.named_parameters() if p.requires_grad]
+        if trainable:
+            # Neither the trust-region step (over the actor's parameters) nor the critic fits (on
+            # features computed without gradients) would update them: they would silently stay
+            # at their random initialisation.
+            raise ValueError(
+                f"OffTRC does not train features-extractor parameters, but "
+                f"{type(self.features_extractor).__name__} has trainable ones ({', '.join(trainable[:3])}"
+                f"{', ...' if len(trainable) > 3 else ''}). Put those layers in net_arch instead, or freeze "
+                "them in the extractor's __init__ (requires_grad_(False), e.g. for a pretrained encoder)."
+            )
         features_dim = self.features_extractor.features_dim
         action_dim = int(spaces.flatdim(action_space))
         self.actor = GaussianActor(features_dim, action_dim, actor_arch, activation_fn, log_std_init, log_std_bounds)
