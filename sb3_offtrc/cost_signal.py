@@ -1,4 +1,5 @@
-"""Reading the step cost from ``info`` and tracking episode costs, shared by every algorithm of the package.
+"""Reading the step cost from ``info``, tracking episode costs and resolving env-id strings, shared by
+every algorithm of the package.
 
 Layer 2 (next to the algorithms): numpy only, no SB3 base classes.
 """
@@ -27,6 +28,32 @@ class CostReturnLimitMixin:
     def cost_return_limit(self) -> float:
         """``D = cost_limit / (1 - gamma)``, the limit on the discounted cost return."""
         return self.cost_limit / (1.0 - self.gamma)
+
+
+def resolve_env_string(env: Any) -> Any:
+    """``OffTRC("MlpPolicy", "<id>")``, as SB3 users write it, for this package's constrained ids.
+
+    A string that gymnasium does not know yet is looked up after registering this package's ids
+    (so ``"HazardPoint-v0"`` works without ``import sb3_offtrc.envs``), and a Safety-Gymnasium name
+    is mapped to its registration with the cost in ``info`` (``"SafetyPointGoal1-v0"`` ->
+    ``"OffTRC/SafetyPointGoal1-v0"``). Ids gymnasium already knows, env objects and unknown names
+    are returned unchanged (gymnasium then raises its own error).
+    """
+    if not isinstance(env, str):
+        return env
+    import gymnasium as gym
+
+    if env in gym.registry or ":" in env:
+        return env
+    # imported here, not at the top: the algorithms do not otherwise depend on the env layer
+    from sb3_offtrc.envs import resolve_env_id
+
+    if env in gym.registry:  # registered by that import (HazardPoint-v0, OffTRC/...)
+        return env
+    try:
+        return resolve_env_id(env)
+    except ValueError:
+        return env
 
 
 def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm") -> np.ndarray:

@@ -4,6 +4,9 @@ continued learning, seeding, logging) and clear errors on bad input."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import gymnasium as gym
@@ -565,3 +568,33 @@ def test_cuda_learns_saves_and_loads_on_cpu(tmp_path: Any, speed_options: dict[s
     back = OffTRC.load(tmp_path / "m.zip", env=CostPendulum(), device="cuda")
     back.learn(100, reset_num_timesteps=False)
     assert back.num_timesteps == 400
+
+
+# ------------------------------------------------------------------- env ids as strings
+def test_env_id_strings_as_sb3_users_write_them() -> None:
+    from sb3_offtrc.cost_signal import resolve_env_string
+
+    env = CostPendulum()
+    assert resolve_env_string(env) is env
+    assert resolve_env_string("Pendulum-v1") == "Pendulum-v1"  # gymnasium's ids stay as they are
+    assert resolve_env_string("NoSuchEnv-v7") == "NoSuchEnv-v7"  # gymnasium raises its own error later
+    # a fresh interpreter, where nothing has imported sb3_offtrc.envs yet
+    code = (
+        "import gymnasium as gym\n"
+        "from sb3_offtrc import OffTRC, PPOLagrangian, SACLagrangian\n"
+        "assert 'HazardPoint-v0' not in gym.registry\n"
+        "for cls in (OffTRC, PPOLagrangian, SACLagrangian):\n"
+        "    print(cls('MlpPolicy', 'HazardPoint-v0').env.envs[0].spec.id)\n"
+        "from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available\n"
+        "if safety_gymnasium_available():\n"
+        "    venv = OffTRC('MlpPolicy', 'SafetyPointGoal1-v0', n_steps=100).env\n"
+        "    venv.reset()\n"
+        "    print('cost' in venv.step(venv.action_space.sample()[None])[3][0])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env_vars = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_vars, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = result.stdout.split()
+    assert ids[:3] == ["HazardPoint-v0"] * 3
+    assert ids[3:] in ([], ["True"])  # the Safety-Gymnasium task, through our registration with info["cost"]

@@ -16,7 +16,7 @@ from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_offtrc.cost_signal import CostReturnLimitMixin
+from sb3_offtrc.cost_signal import CostReturnLimitMixin, resolve_env_string
 from sb3_offtrc.lagrangian.buffers import LagrangianRolloutBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import PPOLagrangianPolicy
@@ -103,7 +103,7 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
         self.max_lagrange = max_lagrange
         super().__init__(
             policy,
-            env,
+            resolve_env_string(env),
             learning_rate=learning_rate,
             n_steps=n_steps,
             batch_size=batch_size,

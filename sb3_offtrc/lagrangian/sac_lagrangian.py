@@ -14,7 +14,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
-from sb3_offtrc.cost_signal import CostReturnLimitMixin
+from sb3_offtrc.cost_signal import CostReturnLimitMixin, resolve_env_string
 from sb3_offtrc.lagrangian.buffers import LagrangianReplayBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import SACLagrangianPolicy
@@ -104,7 +104,7 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
         self.max_lagrange = max_lagrange
         super().__init__(
             policy,
-            env,
+            resolve_env_string(env),
             learning_rate=learning_rate,
             buffer_size=buffer_size,
             learning_starts=learning_starts,

@@ -34,7 +34,7 @@ from sb3_offtrc.core import (
     reward_surrogate,
     solve_constrained_step,
 )
-from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos
+from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import OffTRCPolicy, gaussian_entropy, gaussian_log_prob
 
@@ -137,7 +137,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     ) -> None:
         super().__init__(
             policy,
-            env,
+            resolve_env_string(env),
             learning_rate,
             buffer_size=buffer_size,
             learning_starts=learning_starts,
