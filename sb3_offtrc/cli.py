@@ -73,9 +73,13 @@ def parse_hyperparams(items: Sequence[str]) -> dict[str, Any]:
 
 
 def make_env_fn(
-    env_id: str, rank: int, monitor_dir: str | None, render_mode: str | None = None
+    env_id: str,
+    rank: int,
+    monitor_dir: str | None,
+    render_mode: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> Callable[[], gym.Env]:
-    """Factory of one env copy: ``CostMonitor(Monitor(gym.make(env_id)))`` logging to ``monitor_dir``."""
+    """Factory of one env copy: ``CostMonitor(Monitor(gym.make(env_id, **env_kwargs)))`` logging to ``monitor_dir``."""
 
     def _init() -> gym.Env:
         import gymnasium as gym
@@ -84,7 +88,10 @@ def make_env_fn(
         import sb3_offtrc.envs  # noqa: F401  (registers ids in subprocess workers too)
         from sb3_offtrc.common.monitor import CostMonitor
 
-        env = gym.make(env_id, render_mode=render_mode) if render_mode else gym.make(env_id)
+        kwargs = dict(env_kwargs or {})
+        if render_mode:
+            kwargs["render_mode"] = render_mode
+        env = gym.make(env_id, **kwargs)
         path = None if monitor_dir is None else os.path.join(monitor_dir, str(rank))
         env = Monitor(env, filename=path)
         return CostMonitor(env, filename=path)
@@ -93,14 +100,40 @@ def make_env_fn(
 
 
 def make_train_env(
-    env_id: str, n_envs: int, seed: int | None, monitor_dir: str | None, subproc: bool = False
+    env_id: str,
+    n_envs: int,
+    seed: int | None,
+    monitor_dir: str | None,
+    subproc: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> VecEnv:
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     from sb3_offtrc.common.monitor import make_cost_vec_env
 
     vec_env_cls = SubprocVecEnv if subproc and n_envs > 1 else None
-    return make_cost_vec_env(env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, vec_env_cls=vec_env_cls)
+    return make_cost_vec_env(
+        env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs
+    )
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy for config.json: plain literals as they are, anything else as its repr."""
+    out = {}
+    for key, value in params.items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except TypeError:
+            out[key] = repr(value)
+    return out
+
+
+def _env_kwargs(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    """``--env-kwargs`` when given, else the ones the run was trained with."""
+    if args.env_kwargs is not None:
+        return parse_hyperparams(args.env_kwargs)
+    return dict(config.get("env_kwargs") or {})
 
 
 def episode_horizon(env: gym.Env) -> int | None:
@@ -162,6 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cls = algo_class(args.algo)
     constrained = ALGOS[args.algo][2]
     hyperparams = parse_hyperparams(args.hyperparams or [])
+    env_kwargs = parse_hyperparams(args.env_kwargs or [])
     if args.preset is not None:
         if args.algo != "offtrc":
             print("--preset applies to --algo offtrc only", file=sys.stderr)
@@ -174,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
     monitor_dir = os.path.join(out, "monitor")
     try:
-        venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc)
+        venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc, env_kwargs=env_kwargs)
     except ImportError as exc:  # e.g. a Safety-Gymnasium task without the safety stack installed
         print(f"error: cannot build {args.env}: {exc}", file=sys.stderr)
         return 2
@@ -195,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "algo": args.algo,
         "env": args.env,
         "env_id": env_id,
+        "env_kwargs": _jsonable(env_kwargs),
         "cost": args.cost,
         "cost_key": args.cost_key,
         "cost_limit": cost_limit,
@@ -221,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.eval_freq:
         from sb3_offtrc.common.evaluation import SafeEvalCallback
 
-        eval_env = make_env_fn(env_id, 0, None)()
+        eval_env = make_env_fn(env_id, 0, None, env_kwargs=env_kwargs)()
         horizon = episode_horizon(eval_env)
         episode_limit = cost_limit * horizon if cost_limit is not None and horizon else None
         callbacks.append(
@@ -302,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sb3_offtrc.common.evaluation import evaluate_safe_policy
 
     config = _load_config(args.model)
-    env = make_env_fn(_eval_env_id(args, config), 0, None)()
+    env = make_env_fn(_eval_env_id(args, config), 0, None, env_kwargs=_env_kwargs(args, config))()
     model = _load_model(args, config, env)
     env.reset(seed=args.seed)
     d = args.cost_limit if args.cost_limit is not None else config.get("cost_limit")
@@ -351,7 +386,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     import sb3_offtrc.envs  # noqa: F401
 
-    env = gym.make(env_id, render_mode="rgb_array")
+    env = gym.make(env_id, **{**_env_kwargs(args, config), "render_mode": "rgb_array"})
     model = _load_model(args, config, env) if args.model else None
     obs, _ = env.reset(seed=args.seed)
     frames = []
@@ -460,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-envs", type=int, default=1)
     train.add_argument("--subproc", action="store_true", help="SubprocVecEnv instead of DummyVecEnv")
     train.add_argument("--hyperparams", nargs="*", metavar="KEY=VALUE", help="constructor overrides")
+    train.add_argument("--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make")
     train.add_argument(
         "--preset", choices=("paper", "cpu"), default=None, help="OffTRC hyperparameter preset (docs/speed.md)"
     )
@@ -480,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--env", default=None)
     evaluate.add_argument("--cost", choices=("native", "smooth"), default=None)
     evaluate.add_argument("--cost-key", default=None)
+    evaluate.add_argument(
+        "--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make (default: the run's)"
+    )
     evaluate.add_argument("--cost-limit", type=float, default=None, help="per-step d; episode limit d*T")
     evaluate.add_argument("--episodes", type=int, default=10)
     evaluate.add_argument("--cvar-alpha", type=float, default=0.125)
@@ -494,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--env", default=None)
     record.add_argument("--cost", choices=("native", "smooth"), default=None)
     record.add_argument("--cost-key", default=None)
+    record.add_argument(
+        "--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make (default: the run's)"
+    )
     record.add_argument("--steps", type=int, default=300)
     record.add_argument("--fps", type=int, default=30)
     record.add_argument("--stochastic", action="store_true")

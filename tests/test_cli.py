@@ -161,6 +161,25 @@ def test_train_and_eval_a_user_env_by_module_prefix(tmp_path, monkeypatch, capsy
     assert result["mean_ep_length"] == 50.0 and result["cost_limit"] is None
 
 
+def test_env_kwargs_reach_training_eval_and_the_config(tmp_path, capsys) -> None:
+    out = str(tmp_path / "kw")
+    argv = ["train", "--algo", "sac", "--timesteps", "200", "--out", out, "--hyperparams", *SMALL_SAC,
+            "--env-kwargs", "hazard_radius=0.0"]  # fmt: skip
+    assert main(argv) == 0
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["env_kwargs"] == {"hazard_radius": 0.0}
+    from sb3_offtrc.common.monitor import load_cost_results
+
+    assert load_cost_results(os.path.join(out, "monitor"))["c"].sum() == 0.0  # no hazard, no cost
+    capsys.readouterr()
+    assert main(["eval", out, "--episodes", "1", "--json"]) == 0  # the run's kwargs by default
+    assert json.loads(capsys.readouterr().out)["mean_cost"] == 0.0
+    # a hazard that covers the whole arena: every step costs 1
+    assert main(["eval", out, "--episodes", "1", "--json", "--env-kwargs", "hazard_radius=50.0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mean_cost"] == result["mean_ep_length"] == 100.0
+
+
 def test_unimportable_env_module_names_the_fix(tmp_path, capsys) -> None:
     assert main(["train", "--env", "no_such_module_xyz:Foo-v0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
