@@ -462,6 +462,21 @@ def test_minibatch_critic_fit_matches_a_plain_adam_loop() -> None:
     )
 
 
+def test_critic_optimisers_default_to_fused_adam_with_the_same_update() -> None:
+    sgd = _model(policy_kwargs=dict(net_arch=[16, 16], optimizer_class=th.optim.SGD))
+    assert not any(opt.defaults.get("fused") for opt in sgd.policy.critic_optimizers)  # only Adam is switched
+    fused = _model().learn(200)  # each built and trained in turn: the seed fixes the global random state
+    plain = _model(policy_kwargs=dict(net_arch=[16, 16], optimizer_kwargs=dict(fused=False))).learn(200)
+    assert all(opt.defaults["fused"] for opt in fused.policy.critic_optimizers)
+    assert not any(opt.defaults["fused"] for opt in plain.policy.critic_optimizers)
+    th.testing.assert_close(
+        th.nn.utils.parameters_to_vector(fused.policy.parameters()),
+        th.nn.utils.parameters_to_vector(plain.policy.parameters()),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
 def test_fisher_fraction_uses_the_fisher_of_a_random_subset() -> None:
     """fisher_fraction < 1: the CG matrix is the KL Hessian on a random subset of the batch's states."""
     model = _model(fisher_fraction=0.25)
