@@ -45,13 +45,14 @@ LABELS = {
     "ppo_lag": "PPO-Lag",
     "sac": "SAC",
     "ppo": "PPO",
-    # benchmarks/run.py --preset-check: the cpu preset with one setting changed
-    "offtrc_cpu_fisher1": "cpu preset, Fisher on all states",
-    "offtrc_cpu_fisher0.5": "cpu preset, Fisher on half the states",
-    "offtrc_cpu_10passes": "cpu preset, 10 critic passes",
-    "offtrc_cpu_lr3e-4": "cpu preset, lr 3e-4",
-    "offtrc_cpu_256": "cpu preset, 256-wide nets",
-    "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
+    # the previous cpu preset (Fisher products on a fifth of the states) and, in the preset check,
+    # one-change variants of it (benchmarks/run.py CPU_VARIANTS)
+    "offtrc_cpu_fisher0.2": "previous cpu preset (Fisher on a fifth)",
+    "offtrc_cpu_fisher0.5": "previous preset, Fisher on half the states",
+    "offtrc_cpu_fisher0.2_10passes": "previous preset, 10 critic passes",
+    "offtrc_cpu_fisher0.2_lr3e-4": "previous preset, lr 3e-4",
+    "offtrc_cpu_fisher0.2_256": "previous preset, 256-wide nets",
+    "offtrc_cpu_fisher0.2_fullfit": "previous preset, paper's critic fit",
 }
 
 

@@ -164,9 +164,9 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
 def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_path: Path) -> None:
-    """A preset's variant (e.g. offtrc_cpu_fisher1) instantiates OffTRC with the variant's settings."""
+    """A preset's variant (e.g. offtrc_cpu_fisher0.2) instantiates OffTRC with the variant's settings."""
     run = _load("run")
-    variant = "offtrc_cpu_fisher1"
+    variant = "offtrc_cpu_fisher0.2"
     assert run.PRESET_CHECK.variants[variant] == "offtrc"
     proc = _run(
         "benchmarks/run.py", "--preset-check", "--algos", variant, "--seeds", "0", "--budget", "300",
@@ -176,13 +176,13 @@ def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_pat
     (line,) = (tmp_path / "runs.jsonl").read_text().splitlines()
     summary = json.loads(line)
     assert summary["algo"] == variant and summary["algo_class"] == "sb3_offtrc.offtrc.OffTRC"
-    assert summary["hyperparams"]["fisher_fraction"] == 1.0
-    assert summary["hyperparams"] == {**run.get_preset("cpu"), "max_kl": 0.01, "fisher_fraction": 1.0}
+    assert summary["hyperparams"]["fisher_fraction"] == 0.2
+    assert summary["hyperparams"] == {**run.get_preset("cpu"), "max_kl": 0.01, "fisher_fraction": 0.2}
     assert (tmp_path / "HazardPoint-v0" / variant / "seed0" / "summary.json").exists()
 
 
 def test_unknown_algorithm_is_refused_with_the_choices() -> None:
-    proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher1", "--dry-run")
+    proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher0.2", "--dry-run")
     assert proc.returncode == 2
     assert "not in the quick grid" in proc.stderr and "sac_lag" in proc.stderr
 
