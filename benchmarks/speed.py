@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # SafetyPointGoal1-v0, paper defaults and CPU preset
     python benchmarks/speed.py --quick         # fewer steps (a smoke run, numbers are noisier)
     python benchmarks/speed.py --batch-scaling # also time one update at n_batch 2.5k/5k/10k/20k
+    python benchmarks/speed.py --profile       # also write torch.profiler's table of one update each
 
 Prints a table, writes ``benchmarks/results/speed.json`` and ends with the line
 ``offtrc_preset/sac throughput ratio: <x>``. Throughputs are env steps per wall-clock second of
@@ -141,13 +142,15 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
     return phases
 
 
-def offtrc_rate(env_id: str, params: dict[str, Any], steps: int) -> dict[str, float]:
+def offtrc_rate(env_id: str, params: dict[str, Any], steps: int, profile_path: Path | None = None) -> dict[str, float]:
     from sb3_offtrc import OffTRC
 
     model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
     _fill_without_updates(model)
     update_s, flops = update_profile(model)
     phases = update_breakdown(model)
+    if profile_path is not None:  # one more update, under torch.profiler (its times are not reported)
+        update_breakdown(model, profile_path)
     result = {"steps_per_s": timed_learn(model, steps), "update_s": update_s, "update_gflop": flops / 1e9}
     result.update({f"phase_{name}_s": seconds for name, seconds in phases.items()})
     return result
@@ -185,6 +188,12 @@ def main() -> None:
     parser.add_argument("--batch-scaling", action="store_true", help="time one update for n_batch 2.5k..20k")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write torch.profiler's operator table of one update per configuration next to --out "
+        "(update_profile_paper.txt, update_profile_cpu.txt)",
+    )
     args = parser.parse_args()
     if args.threads:
         th.set_num_threads(args.threads)
@@ -203,8 +212,10 @@ def main() -> None:
     result["gemm_gflops"] = gemm_rate()
     result["env_steps_per_s"] = raw_env_rate(args.env, 2000 if args.quick else 10_000)
     result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000)
-    result["offtrc_paper"] = offtrc_rate(args.env, get_preset("paper"), steps)
-    result["offtrc_cpu"] = offtrc_rate(args.env, get_preset("cpu"), steps)
+    profiles = Path(args.out).parent if args.profile else None
+    for name in ("paper", "cpu"):
+        profile_path = profiles / f"update_profile_{name}.txt" if profiles is not None else None
+        result[f"offtrc_{name}"] = offtrc_rate(args.env, get_preset(name), steps, profile_path)
     result["offtrc_collection_steps_per_s"] = collection_rate(args.env, get_preset("cpu"), 3 * steps)
     if args.batch_scaling:
         result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"))
