@@ -225,3 +225,29 @@ def test_report_compares_violations_with_the_paper_settings() -> None:
     assert "| OffTRC (cpu preset) | 3 | 50 | +30 | 0.050 |" in text
     assert "SAC" not in text  # one seed is not compared
     assert report.violations_against_reference(runs[3:]) == ""  # no paper-settings runs
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_stacked_critics_of_the_ensemble_benchmark_are_the_three_critics() -> None:
+    """benchmarks/critic_ensemble.py times a stacked ensemble against OffTRC's three critics: it must
+    compute the same values and the same gradients (and so, with per-member clipping, the same step)."""
+    import torch as th
+
+    from sb3_offtrc.offtrc.policies import ValueCritic
+
+    bench = _load("critic_ensemble")
+    th.manual_seed(0)
+    critics = [ValueCritic(7, [16, 8], th.nn.ReLU, positive=positive) for positive in (False, False, True)]
+    stacked = bench.StackedCritics(critics)
+    features, targets = th.randn(64, 7), th.randn(3, 64)
+    values = stacked(features)
+    for member, critic in enumerate(critics):
+        th.testing.assert_close(values[member], critic(features))
+    (0.5 * ((values - targets) ** 2).mean(dim=1).sum()).backward()
+    for member, critic in enumerate(critics):
+        (0.5 * ((critic(features) - targets[member]) ** 2).mean()).backward()
+        linears = [m for m in critic.modules() if isinstance(m, th.nn.Linear)]
+        for layer, weight, bias in zip(linears, stacked.weights, stacked.biases, strict=True):
+            assert weight.grad is not None and bias.grad is not None and layer.weight.grad is not None
+            th.testing.assert_close(weight.grad[member], layer.weight.grad.t())
+            th.testing.assert_close(bias.grad[member, 0], layer.bias.grad)
