@@ -53,6 +53,9 @@ LABELS = {
     "offtrc_cpu_fisher0.2_lr3e-4": "previous preset, lr 3e-4",
     "offtrc_cpu_fisher0.2_256": "previous preset, 256-wide nets",
     "offtrc_cpu_fisher0.2_fullfit": "previous preset, paper's critic fit",
+    # the full grid: the present preset with one of its savings undone
+    "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
+    "offtrc_cpu_pi512": "cpu preset, 2 x 512 actor",
 }
 
 
