@@ -128,6 +128,8 @@ QUICK = Preset(
 #: The cpu preset as it was before it took the Fisher-vector products on every state: a random fifth
 #: of them (docs/speed.md). Its runs are kept, next to the present preset's, under this name.
 _PREVIOUS_CPU = {**get_preset("cpu"), "fisher_fraction": 0.2}
+#: The paper's critic fit (100 full-batch Adam steps at 3e-4), to put back into a cpu preset.
+_PAPER_CRITIC_FIT = {"n_critic_epochs": 100, "critic_batch_size": None, "learning_rate": 3e-4}
 
 FULL = Preset(
     name="full",
@@ -169,12 +171,7 @@ FULL = Preset(
         "offtrc_cpu": get_preset("cpu"),
         "offtrc_cpu_fisher0.2": _PREVIOUS_CPU,
         # the paper's critic fit (100 full-batch steps at 3e-4) on the preset's 128-wide critics
-        "offtrc_cpu_fullfit": {
-            **get_preset("cpu"),
-            "n_critic_epochs": 100,
-            "critic_batch_size": None,
-            "learning_rate": 3e-4,
-        },
+        "offtrc_cpu_fullfit": {**get_preset("cpu"), **_PAPER_CRITIC_FIT},
         # the paper's 2 x 512 actor with the preset's 128-wide critics and their minibatch fit
         "offtrc_cpu_pi512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
         "sac": {},
@@ -208,12 +205,7 @@ CPU_VARIANTS: dict[str, dict[str, Any]] = {
         "policy_kwargs": {"net_arch": {"pi": [256, 256], "vf": [256, 256]}},
     },
     # ... with the paper's critic fit (100 full-batch steps at 3e-4) on the 128-wide networks
-    "offtrc_cpu_fisher0.2_fullfit": {
-        **_PREVIOUS_CHECK,
-        "n_critic_epochs": 100,
-        "critic_batch_size": None,
-        "learning_rate": 3e-4,
-    },
+    "offtrc_cpu_fisher0.2_fullfit": {**_PREVIOUS_CHECK, **_PAPER_CRITIC_FIT},
 }
 PRESET_CHECK = Preset(
     name="preset_check",
