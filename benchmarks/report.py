@@ -56,6 +56,7 @@ LABELS = {
     # the full grid: the present preset with one of its savings undone
     "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
     "offtrc_cpu_pi512": "cpu preset, 2 x 512 actor",
+    "offtrc_cpu_vf512": "cpu preset, 2 x 512 critics",
 }
 
 

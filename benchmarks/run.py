@@ -148,10 +148,10 @@ FULL = Preset(
             seeds=[0, 1, 2],
             budget=100_000,
         ),
-        # which of the preset's two remaining savings costs the extra hazard steps on this task: the
-        # paper's critic fit, or the paper's 2 x 512 actor, each put back on its own
+        # which of the preset's three remaining savings costs the extra hazard steps on this task: the
+        # paper's critic fit, the paper's 2 x 512 actor or its 2 x 512 critics, each put back on its own
         Block(
-            algos=["offtrc_cpu_fullfit", "offtrc_cpu_pi512"],
+            algos=["offtrc_cpu_fullfit", "offtrc_cpu_pi512", "offtrc_cpu_vf512"],
             envs=["SafetyPointGoal1-v0"],
             seeds=[0, 1, 2, 3],
             budget=100_000,
@@ -174,12 +174,17 @@ FULL = Preset(
         "offtrc_cpu_fullfit": {**get_preset("cpu"), **_PAPER_CRITIC_FIT},
         # the paper's 2 x 512 actor with the preset's 128-wide critics and their minibatch fit
         "offtrc_cpu_pi512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
+        # the paper's 2 x 512 critics, fitted as the preset fits its critics (5 passes of 500-sample minibatches)
+        "offtrc_cpu_vf512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [512, 512]}}},
         "sac": {},
         "sac_lag": {},
         "ppo": {},
         "ppo_lag": {},
     },
-    variants={name: "offtrc" for name in ("offtrc_cpu_fisher0.2", "offtrc_cpu_fullfit", "offtrc_cpu_pi512")},
+    variants={
+        name: "offtrc"
+        for name in ("offtrc_cpu_fisher0.2", "offtrc_cpu_fullfit", "offtrc_cpu_pi512", "offtrc_cpu_vf512")
+    },
 )
 
 #: OffTRC's cpu preset against the paper's settings where OffTRC learns within minutes: the
