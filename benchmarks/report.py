@@ -57,6 +57,7 @@ LABELS = {
     "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
     "offtrc_cpu_pi512": "cpu preset, 2 x 512 actor",
     "offtrc_cpu_vf512": "cpu preset, 2 x 512 critics",
+    "offtrc_cpu_nets512": "cpu preset, 2 x 512 actor and critics",
 }
 
 

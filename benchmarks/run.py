@@ -156,6 +156,8 @@ FULL = Preset(
             seeds=[0, 1, 2, 3],
             budget=100_000,
         ),
+        # the paper's actor and critic widths together, with the preset's critic fit
+        Block(algos=["offtrc_cpu_nets512"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1], budget=100_000),
         # longer OffTRC runs to show the trend: the cpu preset, the previous cpu preset (about half an
         # hour each here) and the paper's settings (about six hours on this 2-core machine)
         Block(algos=["offtrc_cpu"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
@@ -176,6 +178,8 @@ FULL = Preset(
         "offtrc_cpu_pi512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
         # the paper's 2 x 512 critics, fitted as the preset fits its critics (5 passes of 500-sample minibatches)
         "offtrc_cpu_vf512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [512, 512]}}},
+        # both: the paper's networks, fitted as the preset fits its critics
+        "offtrc_cpu_nets512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": [512, 512]}},
         "sac": {},
         "sac_lag": {},
         "ppo": {},
@@ -183,7 +187,13 @@ FULL = Preset(
     },
     variants={
         name: "offtrc"
-        for name in ("offtrc_cpu_fisher0.2", "offtrc_cpu_fullfit", "offtrc_cpu_pi512", "offtrc_cpu_vf512")
+        for name in (
+            "offtrc_cpu_fisher0.2",
+            "offtrc_cpu_fullfit",
+            "offtrc_cpu_pi512",
+            "offtrc_cpu_vf512",
+            "offtrc_cpu_nets512",
+        )
     },
 )
 
