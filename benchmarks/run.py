@@ -157,7 +157,7 @@ FULL = Preset(
             budget=100_000,
         ),
         # the paper's actor and critic widths together, with the preset's critic fit
-        Block(algos=["offtrc_cpu_nets512"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1], budget=100_000),
+        Block(algos=["offtrc_cpu_nets512"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2, 3], budget=100_000),
         # longer OffTRC runs to show the trend: the cpu preset, the previous cpu preset (about half an
         # hour each here) and the paper's settings (about six hours on this 2-core machine)
         Block(algos=["offtrc_cpu"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
