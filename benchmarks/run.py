@@ -131,6 +131,20 @@ _PREVIOUS_CPU = {**get_preset("cpu"), "fisher_fraction": 0.2}
 #: The paper's critic fit (100 full-batch Adam steps at 3e-4), to put back into a cpu preset.
 _PAPER_CRITIC_FIT = {"n_critic_epochs": 100, "critic_batch_size": None, "learning_rate": 3e-4}
 
+#: OffTRC variants of the full grid: the previous cpu preset, and the present one with some of its
+#: savings undone, to find which of them costs the extra hazard steps on SafetyPointGoal1-v0.
+FULL_VARIANTS: dict[str, dict[str, Any]] = {
+    "offtrc_cpu_fisher0.2": _PREVIOUS_CPU,
+    # the paper's critic fit (100 full-batch steps at 3e-4) on the preset's 128-wide critics
+    "offtrc_cpu_fullfit": {**get_preset("cpu"), **_PAPER_CRITIC_FIT},
+    # the paper's 2 x 512 actor with the preset's 128-wide critics and their minibatch fit
+    "offtrc_cpu_pi512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
+    # the paper's 2 x 512 critics, fitted as the preset fits its critics (5 passes of 500-sample minibatches)
+    "offtrc_cpu_vf512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [512, 512]}}},
+    # both: the paper's networks, fitted as the preset fits its critics
+    "offtrc_cpu_nets512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": [512, 512]}},
+}
+
 FULL = Preset(
     name="full",
     blocks=[
@@ -171,30 +185,13 @@ FULL = Preset(
         # library defaults (OffTRC: the authors' settings), nothing tuned per environment
         "offtrc": {},
         "offtrc_cpu": get_preset("cpu"),
-        "offtrc_cpu_fisher0.2": _PREVIOUS_CPU,
-        # the paper's critic fit (100 full-batch steps at 3e-4) on the preset's 128-wide critics
-        "offtrc_cpu_fullfit": {**get_preset("cpu"), **_PAPER_CRITIC_FIT},
-        # the paper's 2 x 512 actor with the preset's 128-wide critics and their minibatch fit
-        "offtrc_cpu_pi512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
-        # the paper's 2 x 512 critics, fitted as the preset fits its critics (5 passes of 500-sample minibatches)
-        "offtrc_cpu_vf512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [512, 512]}}},
-        # both: the paper's networks, fitted as the preset fits its critics
-        "offtrc_cpu_nets512": {**get_preset("cpu"), "policy_kwargs": {"net_arch": [512, 512]}},
+        **FULL_VARIANTS,
         "sac": {},
         "sac_lag": {},
         "ppo": {},
         "ppo_lag": {},
     },
-    variants={
-        name: "offtrc"
-        for name in (
-            "offtrc_cpu_fisher0.2",
-            "offtrc_cpu_fullfit",
-            "offtrc_cpu_pi512",
-            "offtrc_cpu_vf512",
-            "offtrc_cpu_nets512",
-        )
-    },
+    variants={name: "offtrc" for name in FULL_VARIANTS},
 )
 
 #: OffTRC's cpu preset against the paper's settings where OffTRC learns within minutes: the
