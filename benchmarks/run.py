@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,9 @@ class RunSpec:
     out: str
     #: the ALGORITHMS entry to instantiate (``algo`` itself unless it is a preset's variant)
     base: str
+    #: also keep SB3's logger output (``train/*``, ``rollout/*``), dumped after every episode, in
+    #: ``progress.csv`` (``--train-log``)
+    train_log: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -480,10 +483,16 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     episodes = CsvLog(run_dir / "episodes.csv", EPISODE_FIELDS)
     curve = CsvLog(run_dir / "curve.csv", CURVE_FIELDS)
     recorder = _make_recorder(spec, eval_env, episode_limit, episodes, curve)
+    learn_kwargs: dict[str, Any] = {}
+    if spec.train_log:
+        from stable_baselines3.common.logger import configure
+
+        model.set_logger(configure(str(run_dir), ["csv"]))
+        learn_kwargs["log_interval"] = 1
     start = time.perf_counter()
     cpu_start = time.process_time()
     try:
-        model.learn(total_timesteps=spec.budget, callback=recorder)
+        model.learn(total_timesteps=spec.budget, callback=recorder, **learn_kwargs)
     finally:
         episodes.close()
         curve.close()
@@ -583,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="runs in parallel, one process and one torch thread each (default: 2, or 1 on a 1-core machine)",
     )
+    parser.add_argument(
+        "--train-log",
+        action="store_true",
+        help="also write each run's SB3 logger output (train/*, rollout/*; every episode) to progress.csv",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument(
         "--force", action="store_true", help="rerun the selected runs even if finished (their old records are dropped)"
@@ -596,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         choices = " ".join(preset.algos())
         parser.error(f"--algos {' '.join(unknown)}: not in the {preset.name} grid; choose from {choices}")
     specs = expand(preset, out, args.algos, args.envs, args.seeds, args.budget)
+    if args.train_log:
+        specs = [replace(spec, train_log=True) for spec in specs]
 
     todo: list[RunSpec] = []
     for spec in specs:
