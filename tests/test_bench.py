@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sb3_offtrc.core.trust_region import StepCase
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -179,6 +181,31 @@ def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_pat
     assert summary["hyperparams"]["fisher_fraction"] == 0.2
     assert summary["hyperparams"] == {**run.get_preset("cpu"), "max_kl": 0.01, "fisher_fraction": 0.2}
     assert (tmp_path / "HazardPoint-v0" / variant / "seed0" / "summary.json").exists()
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_train_log_keeps_the_logger_output_of_every_episode(tmp_path: Path, bench_dir: Path) -> None:
+    proc = _run(
+        "benchmarks/run.py", "--quick", "--algos", "offtrc", "--budget", "800", "--train-log", "--out", str(tmp_path)
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "HazardPoint-v0" / "offtrc" / "seed0"
+    progress = pd.read_csv(run_dir / "progress.csv")
+    episodes = pd.read_csv(run_dir / "episodes.csv")
+    # one logger row per episode, and its running means agree with the harness's own episode record
+    steps = json.loads((run_dir / "summary.json").read_text())["env_steps"]
+    assert steps >= 800 and len(progress) == len(episodes) == steps // 100
+    assert progress["time/total_timesteps"].tolist() == episodes["env_steps"].tolist()
+    expected_return = episodes["return"].expanding().mean()
+    np.testing.assert_allclose(progress["rollout/ep_rew_mean"], expected_return, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(progress["rollout/ep_cost_mean"], episodes["cost"].expanding().mean(), atol=1e-9)
+    # the updates' own keys are there: the constraint estimate and which case of the step rule was taken
+    updates = progress.dropna(subset=["train/step_case"])
+    assert len(updates) >= 1
+    assert set(updates["train/step_case"]) <= {case.name.lower() for case in StepCase}
+    assert np.isfinite(updates["train/cvar"]).all()
+    # without the flag no logger file is written
+    assert not (bench_dir / "HazardPoint-v0" / "offtrc" / "seed0" / "progress.csv").exists()
 
 
 def test_unknown_algorithm_is_refused_with_the_choices() -> None:
