@@ -208,6 +208,58 @@ def test_train_log_keeps_the_logger_output_of_every_episode(tmp_path: Path, benc
     assert not (bench_dir / "HazardPoint-v0" / "offtrc" / "seed0" / "progress.csv").exists()
 
 
+def _fake_runs(root: Path, values: list[float]) -> str:
+    for seed, value in enumerate(values):
+        run_dir = root / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"train_cv_total": value}))
+    (root / "seed9").mkdir()  # unfinished: no summary.json, not counted
+    return str(root / "seed*")
+
+
+def test_compare_violations_of_two_groups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scipy import stats
+
+    compare = _load("compare")
+    a, b = [100.0, 140.0, 90.0], [150.0, 130.0, 170.0, 160.0]
+    # group B from two directories
+    pattern_b = [_fake_runs(tmp_path / "b1", b[:2]), _fake_runs(tmp_path / "b2", b[2:])]
+    assert compare.main(["violations", "--a", _fake_runs(tmp_path / "a", a), "--b", *pattern_b]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"3 runs, violations {np.mean(a):,.0f} ± {np.std(a):,.0f}" in out[0]
+    assert f"4 runs, violations {np.mean(b):,.0f} ± {np.std(b):,.0f}" in out[1]
+    expected = stats.permutation_test(
+        (a, b), lambda x, y: np.mean(y) - np.mean(x), permutation_type="independent",
+        alternative="greater", n_resamples=np.inf,
+    ).pvalue  # fmt: skip
+    diff = np.mean(b) - np.mean(a)
+    assert out[2] == f"B - A: {diff:+,.0f}; one-sided permutation p (B above A by chance): {expected:.3f}"
+    with pytest.raises(SystemExit, match="at least 2"):
+        compare.main(["violations", "--a", _fake_runs(tmp_path / "c", [1.0]), "--b", *pattern_b])
+
+
+def test_compare_update_statistics(tmp_path: Path) -> None:
+    compare = _load("compare")
+    rows = {
+        "time/total_timesteps": [1000, 2000, 3000, 4000],
+        "train/step_case": [None, "recovery", "constrained", "recovery"],  # first row: before any update
+        "train/trust_region": [None, 1e-3, 2e-4, 3e-4],
+        "train/kl": [None, 9e-4, 1e-4, 2e-4],
+        "train/behaviour_kl": [None, 0.0, 4e-3, 2e-3],
+        "train/entropy": [None, 2.2, 2.1, 2.3],
+        "train/line_search_steps": [None, 1, 3, 2],
+        "train/line_search_failed": [None, 0, 1, 0],
+    }
+    pd.DataFrame(rows).to_csv(tmp_path / "progress.csv", index=False)
+    got = compare.update_statistics(tmp_path)
+    assert got["updates"] == 3 and got["step_case"] == {"recovery": 2, "constrained": 1}
+    assert got["line_search_failed"] == 1
+    assert got["trust_region mean"] == pytest.approx(5e-4) and got["kl median"] == pytest.approx(2e-4)
+    assert got["entropy min"] == pytest.approx(2.1) and got["entropy max"] == pytest.approx(2.3)
+    with pytest.raises(SystemExit, match="--train-log"):
+        compare.update_statistics(tmp_path / "missing")
+
+
 def test_unknown_algorithm_is_refused_with_the_choices() -> None:
     proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher0.2", "--dry-run")
     assert proc.returncode == 2
