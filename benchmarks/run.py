@@ -8,7 +8,8 @@ hyperparameters only. Each run writes into ``<out>/<env>/<algo>/seed<k>/``:
 - ``episodes.csv``: every training episode (env steps at its end, return, cost, violations, length);
 - ``curve.csv``: one row per evaluation (env steps, wall time, training return/cost/violations since
   the previous row, cumulative training violations, eval return/cost/CVaR/violations);
-- ``summary.json``: written last, atomically; its presence marks the run finished.
+- ``summary.json``: written last, atomically; its presence marks the run finished;
+- ``progress.csv`` (with ``--train-log`` only): SB3's logger output, dumped after every episode.
 
 A finished run's summary is also appended to ``<out>/runs.jsonl``. Rerunning the same command
 skips finished runs and restarts unfinished ones from scratch, so a long grid can be resumed.
@@ -498,6 +499,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     finally:
         episodes.close()
         curve.close()
+        if spec.train_log:
+            model.logger.close()
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     train_time = max(wall - recorder.eval_time, 1e-9)
