@@ -53,17 +53,15 @@ def violations(patterns: list[str]) -> dict[str, float]:
 
 
 def compare_violations(patterns_a: list[str], patterns_b: list[str]) -> str:
-    a, b = violations(patterns_a), violations(patterns_b)
-    p = _report_module().permutation_p_value(list(a.values()), list(b.values()))
-    lines = []
-    for name, group, patterns in (("A", a, patterns_a), ("B", b, patterns_b)):
-        values = np.array(list(group.values()))
-        lines.append(
-            f"{name}: {' '.join(patterns)}: {len(values)} runs, violations {values.mean():,.0f} ± {values.std():,.0f} "
-            f"({', '.join(f'{v:,.0f}' for v in values)})"
-        )
-    diff = np.mean(list(b.values())) - np.mean(list(a.values()))
-    lines.append(f"B - A: {diff:+,.0f}; one-sided permutation p (B above A by chance): {p:.3f}")
+    a = np.array(list(violations(patterns_a).values()))
+    b = np.array(list(violations(patterns_b).values()))
+    p = _report_module().permutation_p_value(a.tolist(), b.tolist())
+    lines = [
+        f"{name}: {' '.join(patterns)}: {len(values)} runs, violations {values.mean():,.0f} ± {values.std():,.0f} "
+        f"({', '.join(f'{v:,.0f}' for v in values)})"
+        for name, values, patterns in (("A", a, patterns_a), ("B", b, patterns_b))
+    ]
+    lines.append(f"B - A: {b.mean() - a.mean():+,.0f}; one-sided permutation p (B above A by chance): {p:.3f}")
     return "\n".join(lines)
 
 
