@@ -28,7 +28,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_UPDATE_KEYS = ["train/trust_region", "train/kl", "train/behaviour_kl", "train/entropy", "train/line_search_steps"]
+_UPDATE_KEYS = [
+    "train/trust_region",
+    "train/kl",
+    "train/behaviour_kl",
+    "train/entropy",
+    "train/line_search_steps",
+    # each critic's training loss over its last pass (full-batch fit: the last epoch's loss)
+    "train/reward_critic_loss",
+    "train/cost_critic_loss",
+    "train/cost_std_critic_loss",
+]
 
 
 def _report_module():  # noqa: ANN202 - the sibling script, loaded by path (benchmarks/ is no package)

@@ -249,6 +249,9 @@ def test_compare_update_statistics(tmp_path: Path) -> None:
         "train/entropy": [None, 2.2, 2.1, 2.3],
         "train/line_search_steps": [None, 1, 3, 2],
         "train/line_search_failed": [None, 0, 1, 0],
+        "train/reward_critic_loss": [None, 1e-3, 5e-4, 6e-4],
+        "train/cost_critic_loss": [None, 4.0, 1.0, 2.0],
+        "train/cost_std_critic_loss": [None, 3.0, 2.0, 7.0],
     }
     pd.DataFrame(rows).to_csv(tmp_path / "progress.csv", index=False)
     got = compare.update_statistics(tmp_path)
@@ -256,6 +259,7 @@ def test_compare_update_statistics(tmp_path: Path) -> None:
     assert got["line_search_failed"] == 1
     assert got["trust_region mean"] == pytest.approx(5e-4) and got["kl median"] == pytest.approx(2e-4)
     assert got["entropy min"] == pytest.approx(2.1) and got["entropy max"] == pytest.approx(2.3)
+    assert got["cost_critic_loss mean"] == pytest.approx(7.0 / 3) and got["cost_std_critic_loss median"] == 3.0
     with pytest.raises(SystemExit, match="--train-log"):
         compare.update_statistics(tmp_path / "missing")
 
