@@ -8,7 +8,8 @@ e.g. the same settings run by two versions of the code.
 
 ``updates``: for runs made with ``run.py --train-log``, statistics of OffTRC's logged updates from
 ``progress.csv``: how often each case of the step rule was taken, the trust region and the KL of
-the steps, the behaviour policy's KL from the current one, the policy's entropy.
+the steps, the behaviour policy's KL from the current one, the policy's entropy, and the three
+critics' training losses at the end of each fit.
 
 Usage::
 
