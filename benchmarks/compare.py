@@ -3,7 +3,8 @@
 ``violations``: the training violations (``train_cv_total``) of two groups of run directories
 (each ``.../<algo>/seed<k>`` with a ``summary.json``), mean ± std over seeds (as in report.py),
 the difference of means and the one-sided permutation p-value of ``report.py`` for "group B has
-more violations than group A by chance". Groups may come from different results directories,
+more violations than group A by chance"; where the groups share two or more seeds (and each group
+has one run per seed), also the paired comparison on those seeds. Groups may come from different results directories,
 e.g. the same settings run by two versions of the code.
 
 ``updates``: for runs made with ``run.py --train-log``, statistics of OffTRC's logged updates from
@@ -51,28 +52,40 @@ def _report_module():  # noqa: ANN202 - the sibling script, loaded by path (benc
     return module
 
 
-def violations(patterns: list[str]) -> dict[str, float]:
-    """``train_cv_total`` of every finished run directory matching one of ``patterns``, by directory."""
+def violations(patterns: list[str]) -> dict[str, tuple[int, float]]:
+    """``(seed, train_cv_total)`` of every finished run directory matching one of ``patterns``, by directory."""
     found = {}
     for run_dir in sorted({path for pattern in patterns for path in glob.glob(pattern)}):
         summary = Path(run_dir) / "summary.json"
         if summary.exists():
-            found[run_dir] = float(json.loads(summary.read_text())["train_cv_total"])
+            data = json.loads(summary.read_text())
+            found[run_dir] = (int(data["seed"]), float(data["train_cv_total"]))
     if len(found) < 2:
         raise SystemExit(f"{' '.join(patterns)}: {len(found)} finished run(s) (summary.json); a group needs at least 2")
     return found
 
 
 def compare_violations(patterns_a: list[str], patterns_b: list[str]) -> str:
-    a = np.array(list(violations(patterns_a).values()))
-    b = np.array(list(violations(patterns_b).values()))
-    p = _report_module().permutation_p_value(a.tolist(), b.tolist())
+    report = _report_module()
+    runs_a, runs_b = list(violations(patterns_a).values()), list(violations(patterns_b).values())
+    a, b = np.array([v for _, v in runs_a]), np.array([v for _, v in runs_b])
+    p = report.permutation_p_value(a.tolist(), b.tolist())
     lines = [
         f"{name}: {' '.join(patterns)}: {len(values)} runs, violations {values.mean():,.0f} ± {values.std():,.0f} "
         f"({', '.join(f'{v:,.0f}' for v in values)})"
         for name, values, patterns in (("A", a, patterns_a), ("B", b, patterns_b))
     ]
     lines.append(f"B - A: {b.mean() - a.mean():+,.0f}; one-sided permutation p (B above A by chance): {p:.3f}")
+    # a seed fixes the env's layouts: the seeds both groups ran, compared pair by pair
+    by_seed_a, by_seed_b = dict(runs_a), dict(runs_b)
+    shared = sorted(set(by_seed_a) & set(by_seed_b))
+    if len(by_seed_a) == len(runs_a) and len(by_seed_b) == len(runs_b) and len(shared) >= 2:
+        pairs_a, pairs_b = [by_seed_a[s] for s in shared], [by_seed_b[s] for s in shared]
+        paired = report.paired_p_value(pairs_a, pairs_b)
+        lines.append(
+            f"same seeds ({len(shared)}): A {np.mean(pairs_a):,.0f}, B {np.mean(pairs_b):,.0f}, mean B - A "
+            f"{np.mean(pairs_b) - np.mean(pairs_a):+,.0f}; one-sided paired p (sign flips): {paired:.3f}"
+        )
     return "\n".join(lines)
 
 

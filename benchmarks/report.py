@@ -11,7 +11,7 @@ next to them:
   run's process (evaluation excluded), and the CPU-second rate relative to SAC's on the same env
   (the CPU figure is the steadier one on a shared machine); then, where OffTRC with the paper's
   settings has two or more seeds, every other algorithm's training violations against it, with a
-  one-sided permutation p-value over seeds.
+  one-sided permutation p-value over seeds and, on the seeds both have run, a paired one.
 
 Usage::
 
@@ -200,7 +200,36 @@ def permutation_p_value(
     return float((np.sum(diff(draws) >= observed - tolerance) + 1) / (n_resamples + 1))
 
 
+def paired_p_value(
+    reference: list[float], other: list[float], max_exact: int = 2**16, n_resamples: int = 50_000, seed: int = 0
+) -> float:
+    """One-sided paired permutation p-value of ``mean(other - reference)`` being this large by chance.
+
+    ``reference[i]`` and ``other[i]`` are runs on the same seed (the same env layouts and initial
+    states). Under the null hypothesis either run of a pair could have come from either setting: the
+    p-value is the share of the ``2**n`` sign flips of the per-seed differences whose mean is at least
+    the observed one. Exact up to ``max_exact`` flips, otherwise estimated from ``n_resamples`` random
+    flips with the observed one counted once (so p > 0).
+    """
+    diffs = np.asarray(other, dtype=float) - np.asarray(reference, dtype=float)
+    if diffs.ndim != 1 or len(reference) != len(other) or diffs.size == 0:
+        raise ValueError("paired_p_value needs two lists of the same, nonzero length")
+    n = diffs.size
+    observed = float(diffs.mean())
+    tolerance = 1e-9 * max(1.0, abs(observed))
+    if 2**n <= max_exact:
+        signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)  # every +-1 pattern
+        return float(np.mean(signs @ diffs / n >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice([-1.0, 1.0], size=(n_resamples, n)) @ diffs / n
+    return float((np.sum(flipped >= observed - tolerance) + 1) / (n_resamples + 1))
+
+
 REFERENCE_ALGO = "offtrc"  # the paper's settings: what the preset and its variants must not do worse than
+
+
+def _violations_by_seed(runs: list[Run], algo: str) -> dict[int, float]:
+    return {int(r.summary["seed"]): float(r.summary["train_cv_total"]) for r in runs if r.algo == algo}
 
 
 def violations_against_reference(runs: list[Run]) -> str:
@@ -221,17 +250,28 @@ def violations_against_reference(runs: list[Run]) -> str:
                 f"#### {env_id}, {budget:,} steps: against {LABELS[REFERENCE_ALGO]} with the paper's settings "
                 f"({len(reference)} seeds, mean {np.mean(reference):,.0f} violations)",
                 "",
-                "| algorithm | seeds | mean violations | difference | p (more violations by chance) |",
-                "|---|---|---|---|---|",
+                "| algorithm | seeds | mean violations | difference | p (more violations by chance) "
+                "| shared seeds | paired difference | paired p |",
+                "|---|---|---|---|---|---|---|---|",
             ]
+            reference_by_seed = _violations_by_seed(budget_runs, REFERENCE_ALGO)
             for algo in others:
                 values = [float(r.summary["train_cv_total"]) for r in budget_runs if r.algo == algo]
                 if len(values) < 2:
                     continue
                 p = permutation_p_value(reference, values)
+                by_seed = _violations_by_seed(budget_runs, algo)
+                shared = sorted(set(by_seed) & set(reference_by_seed))
+                paired = "| – | – |"
+                if len(shared) >= 2:
+                    ref_pairs, other_pairs = [reference_by_seed[s] for s in shared], [by_seed[s] for s in shared]
+                    paired = (
+                        f"| {np.mean(other_pairs) - np.mean(ref_pairs):+,.0f} | "
+                        f"{paired_p_value(ref_pairs, other_pairs):.3f} |"
+                    )
                 lines.append(
                     f"| {LABELS.get(algo, algo)} | {len(values)} | {np.mean(values):,.0f} | "
-                    f"{np.mean(values) - np.mean(reference):+,.0f} | {p:.3f} |"
+                    f"{np.mean(values) - np.mean(reference):+,.0f} | {p:.3f} | {len(shared)} {paired}"
                 )
             lines.append("")
     if not lines:
@@ -242,8 +282,11 @@ def violations_against_reference(runs: list[Run]) -> str:
         "One-sided permutation test over seeds: the share of the ways to split the pooled seeds into "
         "groups of the same sizes whose difference of means is at least the observed one (every split "
         "up to 50,000 of them). A small p says the difference is unlikely to be seed luck; a large one "
-        "says these seeds cannot tell the two apart, not that they are equal. Each row is its own test: "
-        "among several rows, a small p now and then is expected by chance.",
+        "says these seeds cannot tell the two apart, not that they are equal. A seed fixes the env's "
+        "layouts, so some seeds are harder than others for every algorithm: the last three columns "
+        "compare only the seeds both have run, pair by pair (the mean of the per-seed differences, and "
+        "the share of the sign flips of those differences whose mean is at least the observed one). "
+        "Each row is its own test: among several rows, a small p now and then is expected by chance.",
         "",
     ]
     return "\n".join(header + lines)

@@ -208,11 +208,11 @@ def test_train_log_keeps_the_logger_output_of_every_episode(tmp_path: Path, benc
     assert not (bench_dir / "HazardPoint-v0" / "offtrc" / "seed0" / "progress.csv").exists()
 
 
-def _fake_runs(root: Path, values: list[float]) -> str:
-    for seed, value in enumerate(values):
+def _fake_runs(root: Path, values: list[float], first_seed: int = 0) -> str:
+    for seed, value in enumerate(values, start=first_seed):
         run_dir = root / f"seed{seed}"
         run_dir.mkdir(parents=True)
-        (run_dir / "summary.json").write_text(json.dumps({"train_cv_total": value}))
+        (run_dir / "summary.json").write_text(json.dumps({"seed": seed, "train_cv_total": value}))
     (root / "seed9").mkdir()  # unfinished: no summary.json, not counted
     return str(root / "seed*")
 
@@ -223,7 +223,7 @@ def test_compare_violations_of_two_groups(tmp_path: Path, capsys: pytest.Capture
     compare = _load("compare")
     a, b = [100.0, 140.0, 90.0], [150.0, 130.0, 170.0, 160.0]
     # group B from two directories
-    pattern_b = [_fake_runs(tmp_path / "b1", b[:2]), _fake_runs(tmp_path / "b2", b[2:])]
+    pattern_b = [_fake_runs(tmp_path / "b1", b[:2]), _fake_runs(tmp_path / "b2", b[2:], first_seed=2)]
     assert compare.main(["violations", "--a", _fake_runs(tmp_path / "a", a), "--b", *pattern_b]) == 0
     out = capsys.readouterr().out.splitlines()
     assert f"3 runs, violations {np.mean(a):,.0f} ± {np.std(a):,.0f}" in out[0]
@@ -234,6 +234,20 @@ def test_compare_violations_of_two_groups(tmp_path: Path, capsys: pytest.Capture
     ).pvalue  # fmt: skip
     diff = np.mean(b) - np.mean(a)
     assert out[2] == f"B - A: {diff:+,.0f}; one-sided permutation p (B above A by chance): {expected:.3f}"
+    # seeds 0-2 in both groups: compared pair by pair
+    paired = stats.permutation_test(
+        (a, b[:3]), lambda x, y: np.mean(y - x), permutation_type="samples", alternative="greater",
+        n_resamples=np.inf,
+    ).pvalue  # fmt: skip
+    same = np.mean(b[:3]) - np.mean(a)
+    assert out[3] == (
+        f"same seeds (3): A {np.mean(a):,.0f}, B {np.mean(b[:3]):,.0f}, mean B - A {same:+,.0f}; "
+        f"one-sided paired p (sign flips): {paired:.3f}"
+    )
+    # two runs of one seed in a group: no pairing
+    twice = [_fake_runs(tmp_path / "d1", b[:2]), _fake_runs(tmp_path / "d2", b[2:])]
+    assert compare.main(["violations", "--a", _fake_runs(tmp_path / "e", a), "--b", *twice]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
     with pytest.raises(SystemExit, match="at least 2"):
         compare.main(["violations", "--a", _fake_runs(tmp_path / "c", [1.0]), "--b", *pattern_b])
 
@@ -290,6 +304,30 @@ def test_permutation_p_value_matches_scipy() -> None:
         report.permutation_p_value([], [1.0])
 
 
+def test_paired_p_value_matches_scipy() -> None:
+    from scipy import stats
+
+    report = _load("report")
+    rng = np.random.default_rng(5)
+    for n, shift in ((3, 1.0), (8, 0.0), (10, 0.7), (2, 2.0)):
+        seed_effect = rng.normal(scale=3.0, size=n)  # shared by both members of a pair
+        ref = (seed_effect + rng.normal(size=n)).round(1).tolist()
+        other = (seed_effect + rng.normal(size=n) + shift).round(1).tolist()
+        expected = stats.permutation_test(
+            (ref, other), lambda x, y: np.mean(y - x), permutation_type="samples", alternative="greater",
+            n_resamples=np.inf,
+        ).pvalue  # fmt: skip
+        assert report.paired_p_value(ref, other) == pytest.approx(expected, abs=1e-12)
+        estimate = report.paired_p_value(ref, other, max_exact=0, n_resamples=20_000)
+        assert estimate == pytest.approx(expected, abs=0.02)
+    # every pair of the other group above its reference: only the observed flip of 2**4 is as large
+    assert report.paired_p_value([1.0, 5.0, 2.0, 9.0], [2.0, 6.0, 3.0, 10.0]) == pytest.approx(1 / 16)
+    with pytest.raises(ValueError, match="same, nonzero length"):
+        report.paired_p_value([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="same, nonzero length"):
+        report.paired_p_value([], [])
+
+
 def test_report_compares_violations_with_the_paper_settings() -> None:
     report = _load("report")
 
@@ -305,7 +343,8 @@ def test_report_compares_violations_with_the_paper_settings() -> None:
     runs += [run("offtrc_cpu", s, v) for s, v in enumerate((40, 50, 60))] + [run("sac", 0, 5)]
     text = report.violations_against_reference(runs)
     # all three preset seeds above all three paper seeds: 1 split in C(6, 3) = 20
-    assert "| OffTRC (cpu preset) | 3 | 50 | +30 | 0.050 |" in text
+    # ... and on the same seeds every pair differs by +30: 1 sign flip in 2**3 reaches it
+    assert "| OffTRC (cpu preset) | 3 | 50 | +30 | 0.050 | 3 | +30 | 0.125 |" in text
     assert "SAC" not in text  # one seed is not compared
     assert report.violations_against_reference(runs[3:]) == ""  # no paper-settings runs
 
