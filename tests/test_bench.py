@@ -373,3 +373,62 @@ def test_stacked_critics_of_the_ensemble_benchmark_are_the_three_critics() -> No
             assert weight.grad is not None and bias.grad is not None and layer.weight.grad is not None
             th.testing.assert_close(weight.grad[member], layer.weight.grad.t())
             th.testing.assert_close(bias.grad[member, 0], layer.bias.grad)
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_holdout_shadow_scores_before_it_fits_and_leaves_the_global_rng_alone() -> None:
+    import torch as th
+
+    bench = _load("critic_holdout")
+    th.manual_seed(0)
+    features = th.randn(200, 5)
+    targets = {"cost": features[:, 0] * 3.0 + 1.0, "cost_std": features[:, 1].abs() + 0.5}
+    held_out = th.zeros(200, dtype=th.bool)
+    held_out[150:] = True
+    shadow = bench.Shadow("s", bench.FitConfig(width=16, passes=20, minibatch=50, lr=1e-2), 5, seed=3)
+    with th.no_grad():
+        before = {
+            k: float(0.5 * ((c(features[150:]) - targets[k][150:]) ** 2).mean()) for k, c in shadow.critics.items()
+        }
+    rng_state = th.get_rng_state()
+    record = shadow.step(features, targets, held_out)
+    assert th.equal(th.get_rng_state(), rng_state)  # the run's random numbers are not consumed
+    for key, critic in shadow.critics.items():
+        assert record[f"{key}_held_out"] == pytest.approx(before[key], rel=1e-6)
+        with th.no_grad():
+            after = float(0.5 * ((critic(features) - targets[key]) ** 2).mean())
+        assert record[f"{key}_train"] == pytest.approx(after, rel=1e-6)
+        assert after < 0.5 * before[key]  # 80 Adam steps on a near-linear target fit it
+    assert bench.summarise([record, {**record, "fit_seconds": 0.0}], skip=1)["fit_seconds"] == 0.0
+    with pytest.raises(SystemExit, match="no update after"):
+        bench.summarise([record], skip=1)
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_holdout_shadows_do_not_change_the_run() -> None:
+    """The shadows watch the preset's run: with or without them it learns the same policy."""
+    import torch as th
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_offtrc.envs import HazardPointEnv
+    from sb3_offtrc.offtrc import OffTRC, get_preset
+
+    bench = _load("critic_holdout")
+    hyperparams = {**get_preset("cpu"), "n_steps": 500, "n_recent": 500, "n_batch": 1_000, "buffer_size": 2_000}
+    hyperparams["policy_kwargs"] = {"net_arch": [16, 16]}
+    models = []
+    for cls in (OffTRC, bench.ProbedOffTRC):
+        env = DummyVecEnv([HazardPointEnv])
+        model = cls("MlpPolicy", env, seed=4, device="cpu", **hyperparams)
+        if isinstance(model, bench.ProbedOffTRC):
+            features_dim = model.policy.features_extractor.features_dim
+            model.shadows = [bench.Shadow("s", bench.FitConfig(8, 2, 250, 1e-3), features_dim, seed=9)]
+            model.own_records = []
+        model.learn(1_500)
+        models.append(model)
+    plain, probed = models
+    for (name, a), (_, b) in zip(plain.policy.state_dict().items(), probed.policy.state_dict().items(), strict=True):
+        assert th.equal(a, b), name
+    assert len(probed.own_records) == len(probed.shadows[0].records) == 3
+    record = probed.own_records[-1]
+    assert record["cost_held_out"] >= 0.0 and record["cost_target_half_var"] >= 0.0
