@@ -228,6 +228,11 @@ def paired_p_value(
 REFERENCE_ALGO = "offtrc"  # the paper's settings: what the preset and its variants must not do worse than
 
 
+def format_p(p: float) -> str:
+    """Three decimals; below 0.001 as "< 0.001" (a Monte Carlo estimate is never exactly 0)."""
+    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
+
+
 def _violations_by_seed(runs: list[Run], algo: str) -> dict[int, float]:
     return {int(r.summary["seed"]): float(r.summary["train_cv_total"]) for r in runs if r.algo == algo}
 
@@ -267,11 +272,11 @@ def violations_against_reference(runs: list[Run]) -> str:
                     ref_pairs, other_pairs = [reference_by_seed[s] for s in shared], [by_seed[s] for s in shared]
                     paired = (
                         f"| {np.mean(other_pairs) - np.mean(ref_pairs):+,.0f} | "
-                        f"{paired_p_value(ref_pairs, other_pairs):.3f} |"
+                        f"{format_p(paired_p_value(ref_pairs, other_pairs))} |"
                     )
                 lines.append(
                     f"| {LABELS.get(algo, algo)} | {len(values)} | {np.mean(values):,.0f} | "
-                    f"{np.mean(values) - np.mean(reference):+,.0f} | {p:.3f} | {len(shared)} {paired}"
+                    f"{np.mean(values) - np.mean(reference):+,.0f} | {format_p(p)} | {len(shared)} {paired}"
                 )
             lines.append("")
     if not lines:

@@ -347,6 +347,7 @@ def test_report_compares_violations_with_the_paper_settings() -> None:
     assert "| OffTRC (cpu preset) | 3 | 50 | +30 | 0.050 | 3 | +30 | 0.125 |" in text
     assert "SAC" not in text  # one seed is not compared
     assert report.violations_against_reference(runs[3:]) == ""  # no paper-settings runs
+    assert report.format_p(0.0004) == "< 0.001" and report.format_p(0.0006) == "0.001"
 
 
 @pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
