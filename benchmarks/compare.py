@@ -4,8 +4,8 @@
 (each ``.../<algo>/seed<k>`` with a ``summary.json``), mean ± std over seeds (as in report.py),
 the difference of means and the one-sided permutation p-value of ``report.py`` for "group B has
 more violations than group A by chance"; where the groups share two or more seeds (and each group
-has one run per seed), also the paired comparison on those seeds. Groups may come from different results directories,
-e.g. the same settings run by two versions of the code.
+has one run per seed), also the paired comparison on those seeds. Groups may come from different
+results directories, e.g. the same settings run by two versions of the code.
 
 ``updates``: for runs made with ``run.py --train-log``, statistics of OffTRC's logged updates from
 ``progress.csv``: how often each case of the step rule was taken, the trust region and the KL of
@@ -75,7 +75,9 @@ def compare_violations(patterns_a: list[str], patterns_b: list[str]) -> str:
         f"({', '.join(f'{v:,.0f}' for v in values)})"
         for name, values, patterns in (("A", a, patterns_a), ("B", b, patterns_b))
     ]
-    lines.append(f"B - A: {b.mean() - a.mean():+,.0f}; one-sided permutation p (B above A by chance): {p:.3f}")
+    lines.append(
+        f"B - A: {b.mean() - a.mean():+,.0f}; one-sided permutation p (B above A by chance): {report.format_p(p)}"
+    )
     # a seed fixes the env's layouts: the seeds both groups ran, compared pair by pair
     by_seed_a, by_seed_b = dict(runs_a), dict(runs_b)
     shared = sorted(set(by_seed_a) & set(by_seed_b))
@@ -84,7 +86,7 @@ def compare_violations(patterns_a: list[str], patterns_b: list[str]) -> str:
         paired = report.paired_p_value(pairs_a, pairs_b)
         lines.append(
             f"same seeds ({len(shared)}): A {np.mean(pairs_a):,.0f}, B {np.mean(pairs_b):,.0f}, mean B - A "
-            f"{np.mean(pairs_b) - np.mean(pairs_a):+,.0f}; one-sided paired p (sign flips): {paired:.3f}"
+            f"{np.mean(pairs_b) - np.mean(pairs_a):+,.0f}; one-sided paired p (sign flips): {report.format_p(paired)}"
         )
     return "\n".join(lines)
 
