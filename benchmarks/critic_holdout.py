@@ -1,6 +1,6 @@
 """Do the cost critics predict their targets on data they have not been fitted on?
 
-    python benchmarks/critic_holdout.py                    # SafetyPointGoal1-v0, seed 0, 40,000 steps
+    python benchmarks/critic_holdout.py                    # SafetyPointGoal1-v0, seed 0, 40,000 steps (~24 min)
     python benchmarks/critic_holdout.py --seed 1 --configs preset paper_fit_128
     python benchmarks/critic_holdout.py --quick            # a smoke run on HazardPoint-v0
 
@@ -67,7 +67,7 @@ CONFIGS: dict[str, FitConfig] = {
     "preset_10passes": FitConfig(128, 10, 500, 1e-3),
     "paper_fit_128": FitConfig(128, 100, None, 3e-4),  # the paper's critic fit on the preset's width
     "preset_fit_512": FitConfig(512, 5, 500, 1e-3),  # the paper's width, fitted as the preset fits
-    "paper": FitConfig(512, 100, None, 3e-4),  # the paper's critics and fit (slow: ~15 s an update here)
+    "paper": FitConfig(512, 100, None, 3e-4),  # the paper's critics and fit (slow: ~27 s an update here)
 }
 DEFAULT_CONFIGS = ["preset", "preset_10passes", "paper_fit_128", "preset_fit_512", "paper"]
 TARGETS = ("cost", "cost_std")
