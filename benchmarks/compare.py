@@ -80,12 +80,11 @@ def compare_violations(patterns_a: list[str], patterns_b: list[str]) -> str:
     )
     # a seed fixes the env's layouts: the seeds both groups ran, compared pair by pair
     by_seed_a, by_seed_b = dict(runs_a), dict(runs_b)
-    shared = sorted(set(by_seed_a) & set(by_seed_b))
-    if len(by_seed_a) == len(runs_a) and len(by_seed_b) == len(runs_b) and len(shared) >= 2:
-        pairs_a, pairs_b = [by_seed_a[s] for s in shared], [by_seed_b[s] for s in shared]
+    pairs_a, pairs_b = report.seed_pairs(by_seed_a, by_seed_b)
+    if len(by_seed_a) == len(runs_a) and len(by_seed_b) == len(runs_b) and len(pairs_a) >= 2:
         paired = report.paired_p_value(pairs_a, pairs_b)
         lines.append(
-            f"same seeds ({len(shared)}): A {np.mean(pairs_a):,.0f}, B {np.mean(pairs_b):,.0f}, mean B - A "
+            f"same seeds ({len(pairs_a)}): A {np.mean(pairs_a):,.0f}, B {np.mean(pairs_b):,.0f}, mean B - A "
             f"{np.mean(pairs_b) - np.mean(pairs_a):+,.0f}; one-sided paired p (sign flips): {report.format_p(paired)}"
         )
     return "\n".join(lines)

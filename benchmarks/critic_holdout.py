@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +55,28 @@ class FitConfig:
     lr: float
 
 
-_PRESET = get_preset("cpu")
+def fit_of_preset(name: str) -> FitConfig:
+    """The critic fit of a named OffTRC preset (the critics' width, passes, minibatch and lr)."""
+    preset = get_preset(name)
+    arch = preset["policy_kwargs"]["net_arch"]
+    return FitConfig(
+        (arch["vf"] if isinstance(arch, dict) else arch)[0],
+        preset["n_critic_epochs"],
+        preset.get("critic_batch_size"),
+        preset["learning_rate"],
+    )
+
+
+_PRESET_FIT, _PAPER_FIT = fit_of_preset("cpu"), fit_of_preset("paper")
 CONFIGS: dict[str, FitConfig] = {
     # the preset's own fit (a second, independently initialised copy of what the run does)
-    "preset": FitConfig(
-        _PRESET["policy_kwargs"]["net_arch"]["vf"][0],
-        _PRESET["n_critic_epochs"],
-        _PRESET["critic_batch_size"],
-        _PRESET["learning_rate"],
-    ),
-    "preset_10passes": FitConfig(128, 10, 500, 1e-3),
-    "paper_fit_128": FitConfig(128, 100, None, 3e-4),  # the paper's critic fit on the preset's width
-    "preset_fit_512": FitConfig(512, 5, 500, 1e-3),  # the paper's width, fitted as the preset fits
-    "paper": FitConfig(512, 100, None, 3e-4),  # the paper's critics and fit (slow: ~27 s an update here)
+    "preset": _PRESET_FIT,
+    "preset_10passes": replace(_PRESET_FIT, passes=10),
+    "paper_fit_128": replace(_PAPER_FIT, width=_PRESET_FIT.width),  # the paper's critic fit, preset's width
+    "preset_fit_512": replace(_PRESET_FIT, width=_PAPER_FIT.width),  # the paper's width, fitted as the preset fits
+    "paper": _PAPER_FIT,  # the paper's critics and fit (slow: ~27 s an update here)
 }
 DEFAULT_CONFIGS = ["preset", "preset_10passes", "paper_fit_128", "preset_fit_512", "paper"]
-TARGETS = ("cost", "cost_std")
 
 
 def half_mse(prediction: th.Tensor, target: th.Tensor) -> float:
@@ -108,6 +114,8 @@ class Shadow:
         return record
 
     def _fit(self, critic: nn.Module, optimizer: th.optim.Optimizer, features: th.Tensor, target: th.Tensor) -> None:
+        # OffTRC's critic fit (its minibatch passes; a full batch is one step per pass), but shuffled
+        # by the shadow's own generator: OffTRC._fit_minibatches draws from torch's global one.
         n_rows, size = features.shape[0], self.config.minibatch or features.shape[0]
         params = list(critic.parameters())
         for _ in range(self.config.passes):

@@ -233,6 +233,12 @@ def format_p(p: float) -> str:
     return "< 0.001" if p < 0.0005 else f"{p:.3f}"
 
 
+def seed_pairs(reference: dict[int, float], other: dict[int, float]) -> tuple[list[float], list[float]]:
+    """The values of the seeds both have, in seed order: ``(reference values, other values)``."""
+    shared = sorted(set(reference) & set(other))
+    return [reference[s] for s in shared], [other[s] for s in shared]
+
+
 def _violations_by_seed(runs: list[Run], algo: str) -> dict[int, float]:
     return {int(r.summary["seed"]): float(r.summary["train_cv_total"]) for r in runs if r.algo == algo}
 
@@ -265,18 +271,16 @@ def violations_against_reference(runs: list[Run]) -> str:
                 if len(values) < 2:
                     continue
                 p = permutation_p_value(reference, values)
-                by_seed = _violations_by_seed(budget_runs, algo)
-                shared = sorted(set(by_seed) & set(reference_by_seed))
+                ref_pairs, other_pairs = seed_pairs(reference_by_seed, _violations_by_seed(budget_runs, algo))
                 paired = "| – | – |"
-                if len(shared) >= 2:
-                    ref_pairs, other_pairs = [reference_by_seed[s] for s in shared], [by_seed[s] for s in shared]
+                if len(ref_pairs) >= 2:
                     paired = (
                         f"| {np.mean(other_pairs) - np.mean(ref_pairs):+,.0f} | "
                         f"{format_p(paired_p_value(ref_pairs, other_pairs))} |"
                     )
                 lines.append(
                     f"| {LABELS.get(algo, algo)} | {len(values)} | {np.mean(values):,.0f} | "
-                    f"{np.mean(values) - np.mean(reference):+,.0f} | {format_p(p)} | {len(shared)} {paired}"
+                    f"{np.mean(values) - np.mean(reference):+,.0f} | {format_p(p)} | {len(ref_pairs)} {paired}"
                 )
             lines.append("")
     if not lines:
