@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch as th
 from torch import nn
-from torch.nn.utils import clip_grad_norm_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's sb3_offtrc
 
 from sb3_offtrc.offtrc import OffTRC, WindowBatch, get_preset  # noqa: E402
+from sb3_offtrc.offtrc.offtrc import fit_minibatches  # noqa: E402
 from sb3_offtrc.offtrc.policies import ValueCritic  # noqa: E402
 
 
@@ -114,18 +114,18 @@ class Shadow:
         return record
 
     def _fit(self, critic: nn.Module, optimizer: th.optim.Optimizer, features: th.Tensor, target: th.Tensor) -> None:
-        # OffTRC's critic fit (its minibatch passes; a full batch is one step per pass), but shuffled
-        # by the shadow's own generator: OffTRC._fit_minibatches draws from torch's global one.
-        n_rows, size = features.shape[0], self.config.minibatch or features.shape[0]
-        params = list(critic.parameters())
-        for _ in range(self.config.passes):
-            order = th.randperm(n_rows, generator=self.generator)
-            for rows in order.split(size):
-                optimizer.zero_grad()
-                loss = 0.5 * th.mean((critic(features[rows]) - target[rows]) ** 2)
-                loss.backward()
-                clip_grad_norm_(params, self.max_grad_norm)
-                optimizer.step()
+        # OffTRC's minibatch fit (a full batch is one step per pass), shuffled by the shadow's own
+        # generator so that the run's random numbers stay untouched.
+        fit_minibatches(
+            critic,
+            optimizer,
+            features,
+            target,
+            n_passes=self.config.passes,
+            batch_size=self.config.minibatch or features.shape[0],
+            max_grad_norm=self.max_grad_norm,
+            generator=self.generator,
+        )
 
 
 class ProbedOffTRC(OffTRC):

@@ -462,6 +462,49 @@ def test_minibatch_critic_fit_matches_a_plain_adam_loop() -> None:
     )
 
 
+def test_fit_minibatches_with_its_own_generator_leaves_the_global_one_alone() -> None:
+    """fit_minibatches(generator=g): the hand-written loop shuffled by g; torch's global state untouched."""
+    import copy
+
+    from sb3_offtrc.offtrc.offtrc import fit_minibatches
+
+    th.manual_seed(0)
+    critic = th.nn.Sequential(th.nn.Linear(4, 8), th.nn.ReLU(), th.nn.Linear(8, 1), th.nn.Flatten(0))
+    reference = copy.deepcopy(critic)
+    features, target = th.randn(90, 4), th.randn(90)
+    optimizer = th.optim.Adam(critic.parameters(), lr=1e-2)
+    reference_optimizer = th.optim.Adam(reference.parameters(), lr=1e-2)
+
+    state = th.get_rng_state()
+    loss = fit_minibatches(
+        critic,
+        optimizer,
+        features,
+        target,
+        n_passes=2,
+        batch_size=40,
+        max_grad_norm=0.5,
+        generator=th.Generator().manual_seed(7),
+    )
+    assert th.equal(th.get_rng_state(), state)
+
+    generator = th.Generator().manual_seed(7)
+    for _ in range(2):
+        order = th.randperm(90, generator=generator)
+        total = 0.0
+        for rows in order.split(40):  # 40, 40 and 10 rows
+            reference_optimizer.zero_grad()
+            batch_loss = 0.5 * ((reference(features[rows]) - target[rows]) ** 2).mean()
+            batch_loss.backward()
+            th.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            reference_optimizer.step()
+            total += batch_loss.item() * len(rows)
+    th.testing.assert_close(
+        th.nn.utils.parameters_to_vector(critic.parameters()), th.nn.utils.parameters_to_vector(reference.parameters())
+    )
+    assert loss == pytest.approx(total / 90, rel=1e-5)
+
+
 def test_critic_optimisers_default_to_fused_adam_with_the_same_update() -> None:
     sgd = _model(policy_kwargs=dict(net_arch=[16, 16], optimizer_class=th.optim.SGD))
     assert not any(opt.defaults.get("fused") for opt in sgd.policy.critic_optimizers)  # only Adam is switched

@@ -595,24 +595,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     ) -> float:
         """``n_critic_epochs`` shuffled passes of minibatch Adam steps; returns the last pass's mean loss."""
         assert self.critic_batch_size is not None
-        n_rows, size = features.shape[0], self.critic_batch_size
-        params = list(critic.parameters())
-        last_pass = 0.0
-        for _ in range(self.n_critic_epochs):
-            order = th.randperm(n_rows, device=features.device)
-            # one gather per pass; the minibatches are then contiguous slices of the shuffled rows
-            shuffled_features, shuffled_target = features[order], target[order]
-            total = th.zeros((), device=features.device)
-            for start in range(0, n_rows, size):
-                inputs, wanted = shuffled_features[start : start + size], shuffled_target[start : start + size]
-                optimizer.zero_grad()
-                loss = 0.5 * th.mean((critic(inputs) - wanted) ** 2)
-                loss.backward()
-                clip_grad_norm_(params, self.max_grad_norm)
-                optimizer.step()
-                total = total + loss.detach() * wanted.shape[0]
-            last_pass = float(total) / n_rows
-        return last_pass
+        return fit_minibatches(
+            critic,
+            optimizer,
+            features,
+            target,
+            n_passes=self.n_critic_epochs,
+            batch_size=self.critic_batch_size,
+            max_grad_norm=self.max_grad_norm,
+        )
 
     # ------------------------------------------------------------------------------ persistence
     def _excluded_save_params(self) -> list[str]:
@@ -620,3 +611,40 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"], []
+
+
+def fit_minibatches(
+    critic: th.nn.Module,
+    optimizer: th.optim.Optimizer,
+    features: th.Tensor,
+    target: th.Tensor,
+    *,
+    n_passes: int,
+    batch_size: int,
+    max_grad_norm: float,
+    generator: th.Generator | None = None,
+) -> float:
+    """Fit ``critic`` to ``target`` by ``n_passes`` shuffled passes of minibatch steps of ``optimizer``.
+
+    Each minibatch step minimises half the mean squared error, with the gradient norm clipped to
+    ``max_grad_norm``. The rows are shuffled by ``generator`` (torch's global generator if None,
+    as in training). Returns the mean loss of the last pass.
+    """
+    n_rows = features.shape[0]
+    params = list(critic.parameters())
+    last_pass = 0.0
+    for _ in range(n_passes):
+        order = th.randperm(n_rows, generator=generator, device=features.device)
+        # one gather per pass; the minibatches are then contiguous slices of the shuffled rows
+        shuffled_features, shuffled_target = features[order], target[order]
+        total = th.zeros((), device=features.device)
+        for start in range(0, n_rows, batch_size):
+            inputs, wanted = shuffled_features[start : start + batch_size], shuffled_target[start : start + batch_size]
+            optimizer.zero_grad()
+            loss = 0.5 * th.mean((critic(inputs) - wanted) ** 2)
+            loss.backward()
+            clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            total = total + loss.detach() * wanted.shape[0]
+        last_pass = float(total) / n_rows
+    return last_pass
