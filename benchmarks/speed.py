@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                 # SafetyPointGoal1-v0, paper defaults and CPU preset
     python benchmarks/speed.py --quick         # fewer steps (a smoke run, numbers are noisier)
-    python benchmarks/speed.py --batch-scaling # also time one update at n_batch 2.5k/5k/10k/20k
+    python benchmarks/speed.py --batch-scaling # also time updates at n_batch 2.5k/5k/10k/20k (both configurations)
     python benchmarks/speed.py --profile       # also write torch.profiler's table of one update each
 
 Prints a table, writes ``benchmarks/results/speed.json`` and ends with the line
@@ -168,16 +168,42 @@ def collection_rate(env_id: str, params: dict[str, Any], steps: int) -> float:
     return timed_learn(model, steps)
 
 
-def batch_scaling(env_id: str, params: dict[str, Any]) -> list[dict[str, float]]:
+def batch_scaling(
+    env_id: str,
+    params: dict[str, Any],
+    sizes: tuple[int, ...] = (2500, 5000, 10_000, 20_000),
+    max_repeats: int = 3,
+    budget_s: float = 30.0,
+) -> list[dict[str, Any]]:
+    """Update time and matmul FLOPs for each ``n_batch`` in ``sizes``: the median of up to ``max_repeats``
+    updates on one batch (a second or third only while it fits in ``budget_s``: a paper-default update
+    at 20k takes over a minute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from sb3_offtrc import OffTRC
 
     rows = []
-    for n_batch in (2500, 5000, 10_000, 20_000):
+    for n_batch in sizes:
         cfg = {**params, "n_batch": n_batch, "buffer_size": max(50_000, n_batch)}
         model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **cfg)
         _fill_without_updates(model)
-        seconds, flops = update_profile(model)
-        rows.append({"n_batch": n_batch, "update_s": seconds, "update_gflop": flops / 1e9})
+        batch = _update_batch(model)
+        times: list[float] = []
+        while not times or (len(times) < max_repeats and sum(times) + times[-1] <= budget_s):
+            start = time.perf_counter()
+            model._update(batch)
+            times.append(time.perf_counter() - start)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model._update(batch)
+        rows.append(
+            {
+                "n_batch": n_batch,
+                "update_s": float(np.median(times)),
+                "update_s_all": times,
+                "update_gflop": float(counter.get_total_flops()) / 1e9,
+            }
+        )
     return rows
 
 
@@ -187,7 +213,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="SafetyPointGoal1-v0")
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
-    parser.add_argument("--batch-scaling", action="store_true", help="time one update for n_batch 2.5k..20k")
+    parser.add_argument(
+        "--batch-scaling",
+        action="store_true",
+        help="also time updates at n_batch 2.5k..20k, paper defaults and CPU preset",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     parser.add_argument(
@@ -225,6 +255,7 @@ def main() -> None:
     result["offtrc_collection_steps_per_s"] = collection_rate(args.env, get_preset("cpu"), 3 * steps)
     if args.batch_scaling:
         result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"))
+        result["batch_scaling_cpu"] = batch_scaling(args.env, get_preset("cpu"))
 
     result["gemm_gflops_end"] = gemm_rate()
     result["env_steps_per_s_end"] = raw_env_rate(args.env, env_steps)
@@ -255,9 +286,16 @@ def main() -> None:
         print("    phases of one update: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     collect = result["offtrc_collection_steps_per_s"]
     print(f"OffTRC collection only, no update: {collect:8.1f} env steps/s ({collect / env_rate:.0%} of env rate)")
-    for row in result.get("batch_scaling_paper", []):
-        n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
-        print(f"  paper defaults n_batch={n_batch:>6}: update {seconds:.2f} s, {gflop:.0f} GFLOP")
+    for key, label in (("batch_scaling_paper", "paper defaults"), ("batch_scaling_cpu", "CPU preset")):
+        rows = result.get(key, [])
+        # time per FLOP relative to n_batch = 5000: 1.00 throughout means linear growth
+        per_flop = {row["n_batch"]: row["update_s"] / row["update_gflop"] for row in rows}
+        for row in rows:
+            n_batch, seconds, gflop = row["n_batch"], row["update_s"], row["update_gflop"]
+            print(
+                f"  {label} n_batch={n_batch:>6}: update {seconds:.2f} s (median of {len(row['update_s_all'])}), "
+                f"{gflop:.0f} GFLOP, time/FLOP {per_flop[n_batch] / per_flop[5000]:.2f} x that at 5000"
+            )
     result["machine"]["load_average_at_end"] = os.getloadavg()[0]
     print(
         f"1-minute load average: {result['machine']['load_average_at_start']:.1f} at start, "

@@ -433,3 +433,19 @@ def test_holdout_shadows_do_not_change_the_run() -> None:
     assert len(probed.own_records) == len(probed.shadows[0].records) == 3
     record = probed.own_records[-1]
     assert record["cost_held_out"] >= 0.0 and record["cost_target_half_var"] >= 0.0
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs the package's OffTRC")
+def test_speed_batch_scaling_times_updates_whose_flops_grow_with_the_batch() -> None:
+    speed = _load("speed")
+    params = {"n_steps": 200, "n_recent": 200, "policy_kwargs": {"net_arch": [16, 16]}, "n_critic_epochs": 2}
+    rows = speed.batch_scaling("HazardPoint-v0", params, sizes=(400, 800), max_repeats=3, budget_s=60.0)
+    assert [row["n_batch"] for row in rows] == [400, 800]
+    for row in rows:
+        assert len(row["update_s_all"]) == 3  # tiny updates: all repeats fit in the budget
+        assert row["update_s"] == pytest.approx(float(np.median(row["update_s_all"])))
+    # every matmul of the targets, the policy step and the full-batch critic fit runs over the batch
+    assert rows[1]["update_gflop"] == pytest.approx(2 * rows[0]["update_gflop"], rel=0.05)
+    # a budget smaller than one update: that one update is all that is timed
+    (only,) = speed.batch_scaling("HazardPoint-v0", params, sizes=(400,), max_repeats=3, budget_s=0.0)
+    assert len(only["update_s_all"]) == 1
