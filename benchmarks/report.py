@@ -58,6 +58,7 @@ LABELS = {
     "offtrc_cpu_pi512": "cpu preset, 2 x 512 actor",
     "offtrc_cpu_vf512": "cpu preset, 2 x 512 critics",
     "offtrc_cpu_nets512": "cpu preset, 2 x 512 actor and critics",
+    "offtrc_cpu_10passes": "cpu preset, 10 critic passes",
     # results/code_check: the present preset's settings as named by the code of commit 75b390a
     "offtrc_cpu_fisher1": "cpu preset's settings, code of 75b390a",
 }
