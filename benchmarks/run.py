@@ -160,7 +160,7 @@ FULL = Preset(
         # them with the paper's settings (docs/benchmarks.md)
         Block(algos=["offtrc_cpu"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 20)), budget=100_000),
         # ... and of the paper's settings (75-110 minutes per run here)
-        Block(algos=["offtrc"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 12)), budget=100_000),
+        Block(algos=["offtrc"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 14)), budget=100_000),
         # the previous cpu preset (Fisher products on a fifth of the states)
         Block(
             algos=["offtrc_cpu_fisher0.2"],
