@@ -45,22 +45,23 @@ LABELS = {
     "ppo_lag": "PPO-Lag",
     "sac": "SAC",
     "ppo": "PPO",
-    # the previous cpu preset (Fisher products on a fifth of the states) and, in the preset check,
-    # one-change variants of it (benchmarks/run.py CPU_VARIANTS)
-    "offtrc_cpu_fisher0.2": "previous cpu preset (Fisher on a fifth)",
-    "offtrc_cpu_fisher0.5": "previous preset, Fisher on half the states",
-    "offtrc_cpu_fisher0.2_10passes": "previous preset, 10 critic passes",
-    "offtrc_cpu_fisher0.2_lr3e-4": "previous preset, lr 3e-4",
-    "offtrc_cpu_fisher0.2_256": "previous preset, 256-wide nets",
-    "offtrc_cpu_fisher0.2_fullfit": "previous preset, paper's critic fit",
-    # the full grid: the present preset with one of its savings undone
-    "offtrc_cpu_fullfit": "cpu preset, paper's critic fit",
-    "offtrc_cpu_pi512": "cpu preset, 2 x 512 actor",
-    "offtrc_cpu_vf512": "cpu preset, 2 x 512 critics",
-    "offtrc_cpu_nets512": "cpu preset, 2 x 512 actor and critics",
-    "offtrc_cpu_10passes": "cpu preset, 10 critic passes",
-    # results/code_check: the present preset's settings as named by the code of commit 75b390a
-    "offtrc_cpu_fisher1": "cpu preset's settings, code of 75b390a",
+    # the previous cpu preset (5 critic passes), the one before it (5 passes, Fisher products on a
+    # fifth of the states) and, in the preset check, one-change variants of that one
+    # (benchmarks/run.py CPU_VARIANTS)
+    "offtrc_cpu_5passes": "previous cpu preset (5 critic passes)",
+    "offtrc_cpu_fisher0.2": "cpu preset before that (Fisher on a fifth)",
+    "offtrc_cpu_fisher0.5": "preset before that, Fisher on half the states",
+    "offtrc_cpu_fisher0.2_10passes": "preset before that, 10 critic passes",
+    "offtrc_cpu_fisher0.2_lr3e-4": "preset before that, lr 3e-4",
+    "offtrc_cpu_fisher0.2_256": "preset before that, 256-wide nets",
+    "offtrc_cpu_fisher0.2_fullfit": "preset before that, paper's critic fit",
+    # the full grid: the 5-pass preset with one of its savings undone
+    "offtrc_cpu_fullfit": "5-pass preset, paper's critic fit",
+    "offtrc_cpu_pi512": "5-pass preset, 2 x 512 actor",
+    "offtrc_cpu_vf512": "5-pass preset, 2 x 512 critics",
+    "offtrc_cpu_nets512": "5-pass preset, 2 x 512 actor and critics",
+    # results/code_check: the 5-pass preset's settings as named by the code of commit 75b390a
+    "offtrc_cpu_fisher1": "5-pass preset's settings, code of 75b390a",
 }
 
 

@@ -179,7 +179,7 @@ def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_pat
     summary = json.loads(line)
     assert summary["algo"] == variant and summary["algo_class"] == "sb3_offtrc.offtrc.OffTRC"
     assert summary["hyperparams"]["fisher_fraction"] == 0.2
-    assert summary["hyperparams"] == {**run.get_preset("cpu"), "max_kl": 0.01, "fisher_fraction": 0.2}
+    assert summary["hyperparams"] == {**run._CPU_5PASSES, "max_kl": 0.01, "fisher_fraction": 0.2}
     assert (tmp_path / "HazardPoint-v0" / variant / "seed0" / "summary.json").exists()
 
 
@@ -282,6 +282,34 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
     proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher0.2", "--dry-run")
     assert proc.returncode == 2
     assert "not in the quick grid" in proc.stderr and "sac_lag" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "results, preset",
+    [
+        ("full", "FULL"),
+        ("preset_check", "PRESET_CHECK"),
+        ("train_log", "FULL"),
+        ("quick", "QUICK"),
+        ("quick_40k", "QUICK"),
+    ],
+)
+def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:
+    """Renaming a configuration (e.g. when a preset changes) must keep each committed run under a name
+    whose definition in run.py is what the run used: the report labels it so, and a rerun skips it."""
+    run = _load("run")
+    grid = getattr(run, preset)
+    lines = (BENCH / "results" / results / "runs.jsonl").read_text().splitlines()
+    assert lines
+    for line in lines:
+        summary = json.loads(line)
+        algo = summary["algo"]
+        assert algo in grid.hyperparams, f"{results}: {summary['key']} has no definition in run.py"
+        assert json.loads(json.dumps(grid.hyperparams[algo], default=float)) == summary["hyperparams"], summary["key"]
+        assert summary["key"].split("/")[-2] == algo
+        run_dir = BENCH / "results" / results / summary["env_id"].replace("/", "_") / algo / f"seed{summary['seed']}"
+        on_disk = json.loads((run_dir / "summary.json").read_text())
+        assert on_disk["key"] == summary["key"] and on_disk["algo"] == algo
 
 
 def test_permutation_p_value_matches_scipy() -> None:
