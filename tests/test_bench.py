@@ -440,10 +440,10 @@ def test_holdout_shadows_do_not_change_the_run() -> None:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from sb3_offtrc.envs import HazardPointEnv
-    from sb3_offtrc.offtrc import OffTRC, get_preset
+    from sb3_offtrc.offtrc import OffTRC
 
     bench = _load("critic_holdout")
-    hyperparams = {**get_preset("cpu"), "n_steps": 500, "n_recent": 500, "n_batch": 1_000, "buffer_size": 2_000}
+    hyperparams = {**bench.PRESET_5PASSES, "n_steps": 500, "n_recent": 500, "n_batch": 1_000, "buffer_size": 2_000}
     hyperparams["policy_kwargs"] = {"net_arch": [16, 16]}
     models = []
     for cls in (OffTRC, bench.ProbedOffTRC):
