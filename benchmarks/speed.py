@@ -4,6 +4,7 @@
     python benchmarks/speed.py --quick         # fewer steps (a smoke run, numbers are noisier)
     python benchmarks/speed.py --batch-scaling # also time updates at n_batch 2.5k/5k/10k/20k (both configurations)
     python benchmarks/speed.py --profile       # also write torch.profiler's table of one update each
+    python benchmarks/speed.py --device cuda   # updates, SAC and the GEMM rate on the GPU (if present)
 
 Prints a table, writes ``benchmarks/results/speed.json`` and ends with the line
 ``offtrc_preset/sac throughput ratio: <x>``. Throughputs are env steps per wall-clock second of
@@ -33,15 +34,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def gemm_rate(size: int = 2048, repeats: int = 20) -> float:
+def synchronize(device: str | th.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a no-op on the CPU)."""
+    if th.device(device).type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def gemm_rate(size: int = 2048, repeats: int = 20, device: str = "cpu") -> float:
     """Best fp32 matmul rate in GFLOP/s over square and critic-shaped products."""
     best = 0.0
     for m, k, n in ((size, size, size), (5000, 512, 512)):
-        a, b = th.randn(m, k), th.randn(k, n)
+        a, b = th.randn(m, k, device=device), th.randn(k, n, device=device)
         th.mm(a, b)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             th.mm(a, b)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         best = max(best, 2.0 * m * k * n * repeats / elapsed / 1e9)
     return best
@@ -68,15 +77,17 @@ def raw_env_rate(env_id: str, steps: int) -> float:
 
 
 def timed_learn(model: Any, steps: int) -> float:
+    synchronize(model.device)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
+    synchronize(model.device)
     return steps / (time.perf_counter() - start)
 
 
-def sac_rate(env_id: str, steps: int) -> float:
+def sac_rate(env_id: str, steps: int, device: str = "cpu") -> float:
     from stable_baselines3 import SAC
 
-    model = SAC("MlpPolicy", make_env(env_id), learning_starts=100, seed=0)
+    model = SAC("MlpPolicy", make_env(env_id), learning_starts=100, seed=0, device=device)
     model.learn(200)  # past warm-up: from here on one gradient step per env step
     return timed_learn(model, steps)
 
@@ -99,8 +110,10 @@ def update_profile(model: Any) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = _update_batch(model)
+    synchronize(model.device)
     start = time.perf_counter()
     model._update(batch)
+    synchronize(model.device)
     elapsed = time.perf_counter() - start
     counter = FlopCounterMode(display=False)
     with counter:
@@ -116,8 +129,10 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
 
     def timed(name: str) -> Any:
         def run(*args: Any) -> None:
+            synchronize(model.device)
             start = time.perf_counter()
             originals[name](*args)
+            synchronize(model.device)
             phases[name.strip("_")] = time.perf_counter() - start
 
         return run
@@ -125,6 +140,7 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
     for name in originals:
         setattr(model, name, timed(name))
     try:
+        synchronize(model.device)
         start = time.perf_counter()
         if profile_path is not None:
             from torch.profiler import ProfilerActivity, profile
@@ -135,6 +151,7 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
             profile_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         else:
             model._update(batch)
+        synchronize(model.device)
         total = time.perf_counter() - start
     finally:
         for name in originals:
@@ -144,10 +161,12 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
     return phases
 
 
-def offtrc_rate(env_id: str, params: dict[str, Any], steps: int, profile_path: Path | None = None) -> dict[str, float]:
+def offtrc_rate(
+    env_id: str, params: dict[str, Any], steps: int, profile_path: Path | None = None, device: str = "cpu"
+) -> dict[str, float]:
     from sb3_offtrc import OffTRC
 
-    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
+    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, device=device, **params)
     _fill_without_updates(model)
     update_s, flops = update_profile(model)
     phases = update_breakdown(model)
@@ -158,11 +177,11 @@ def offtrc_rate(env_id: str, params: dict[str, Any], steps: int, profile_path: P
     return result
 
 
-def collection_rate(env_id: str, params: dict[str, Any], steps: int) -> float:
+def collection_rate(env_id: str, params: dict[str, Any], steps: int, device: str = "cpu") -> float:
     """OffTRC's collection loop alone (action sampling, replay buffer, SB3's bookkeeping), no updates."""
     from sb3_offtrc import OffTRC
 
-    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **params)
+    model = OffTRC("MlpPolicy", make_env(env_id), seed=0, device=device, **params)
     model.learning_starts = 10**12  # never update
     model.learn(200)
     return timed_learn(model, steps)
@@ -174,6 +193,7 @@ def batch_scaling(
     sizes: tuple[int, ...] = (2500, 5000, 10_000, 20_000),
     max_repeats: int = 3,
     budget_s: float = 30.0,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Update time and matmul FLOPs for each ``n_batch`` in ``sizes``: the median of up to ``max_repeats``
     updates on one batch (a second or third only while it fits in ``budget_s``: a paper-default update
@@ -185,13 +205,15 @@ def batch_scaling(
     rows = []
     for n_batch in sizes:
         cfg = {**params, "n_batch": n_batch, "buffer_size": max(50_000, n_batch)}
-        model = OffTRC("MlpPolicy", make_env(env_id), seed=0, **cfg)
+        model = OffTRC("MlpPolicy", make_env(env_id), seed=0, device=device, **cfg)
         _fill_without_updates(model)
         batch = _update_batch(model)
         times: list[float] = []
         while not times or (len(times) < max_repeats and sum(times) + times[-1] <= budget_s):
+            synchronize(device)
             start = time.perf_counter()
             model._update(batch)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         counter = FlopCounterMode(display=False)
         with counter:
@@ -219,6 +241,11 @@ def main() -> None:
         help="also time updates at n_batch 2.5k..20k, paper defaults and CPU preset",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the updates (OffTRC's and SAC's) and the GEMM reference run: cpu (default) or cuda",
+    )
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     parser.add_argument(
         "--profile",
@@ -227,6 +254,8 @@ def main() -> None:
         "(update_profile_paper.txt, update_profile_cpu.txt)",
     )
     args = parser.parse_args()
+    if th.device(args.device).type == "cuda" and not th.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     if args.threads:
         th.set_num_threads(args.threads)
 
@@ -238,6 +267,7 @@ def main() -> None:
             "torch_threads": th.get_num_threads(),
             "python": platform.python_version(),
             "torch": th.__version__,
+            "device": args.device,
             "load_average_at_start": os.getloadavg()[0],
         },
     }
@@ -245,26 +275,27 @@ def main() -> None:
     # both are measured at the start and again at the end, and the larger of each is the reference
     # (so the fractions of them below are, if anything, too low).
     env_steps = 2000 if args.quick else 10_000
-    result["gemm_gflops_start"] = gemm_rate()
+    device = args.device
+    result["gemm_gflops_start"] = gemm_rate(device=device)
     result["env_steps_per_s_start"] = raw_env_rate(args.env, env_steps)
-    result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000)
+    result["sac_steps_per_s"] = sac_rate(args.env, 300 if args.quick else 1000, device)
     profiles = Path(args.out).parent if args.profile else None
     for name in ("paper", "cpu"):
         profile_path = profiles / f"update_profile_{name}.txt" if profiles is not None else None
-        result[f"offtrc_{name}"] = offtrc_rate(args.env, get_preset(name), steps, profile_path)
-    result["offtrc_collection_steps_per_s"] = collection_rate(args.env, get_preset("cpu"), 3 * steps)
+        result[f"offtrc_{name}"] = offtrc_rate(args.env, get_preset(name), steps, profile_path, device)
+    result["offtrc_collection_steps_per_s"] = collection_rate(args.env, get_preset("cpu"), 3 * steps, device)
     if args.batch_scaling:
-        result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"))
-        result["batch_scaling_cpu"] = batch_scaling(args.env, get_preset("cpu"))
+        result["batch_scaling_paper"] = batch_scaling(args.env, get_preset("paper"), device=device)
+        result["batch_scaling_cpu"] = batch_scaling(args.env, get_preset("cpu"), device=device)
 
-    result["gemm_gflops_end"] = gemm_rate()
+    result["gemm_gflops_end"] = gemm_rate(device=device)
     result["env_steps_per_s_end"] = raw_env_rate(args.env, env_steps)
     for key in ("gemm_gflops", "env_steps_per_s"):
         result[key] = max(result[f"{key}_start"], result[f"{key}_end"])
 
     gemm, env_rate, sac = result["gemm_gflops"], result["env_steps_per_s"], result["sac_steps_per_s"]
     print(
-        f"machine fp32 GEMM rate          : {gemm:8.1f} GFLOP/s ({th.get_num_threads()} torch threads; "
+        f"machine fp32 GEMM rate          : {gemm:8.1f} GFLOP/s ({device}, {th.get_num_threads()} torch threads; "
         f"{result['gemm_gflops_start']:.1f} at start, {result['gemm_gflops_end']:.1f} at end)"
     )
     print(

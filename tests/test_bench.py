@@ -477,3 +477,25 @@ def test_speed_batch_scaling_times_updates_whose_flops_grow_with_the_batch() -> 
     # a budget smaller than one update: that one update is all that is timed
     (only,) = speed.batch_scaling("HazardPoint-v0", params, sizes=(400,), max_repeats=3, budget_s=0.0)
     assert len(only["update_s_all"]) == 1
+
+
+def test_speed_refuses_cuda_without_a_gpu() -> None:
+    import torch as th
+
+    if th.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    proc = _run("benchmarks/speed.py", "--quick", "--device", "cuda")
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr
+
+
+def test_speed_times_updates_on_the_gpu_when_present() -> None:
+    import torch as th
+
+    if not th.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    speed = _load("speed")
+    params = {"n_steps": 200, "n_recent": 200, "policy_kwargs": {"net_arch": [16, 16]}, "n_critic_epochs": 2}
+    (row,) = speed.batch_scaling("HazardPoint-v0", params, sizes=(400,), max_repeats=2, device="cuda")
+    assert row["update_gflop"] > 0 and all(t > 0 for t in row["update_s_all"])
+    assert speed.gemm_rate(size=256, repeats=2, device="cuda") > 0
