@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,27 @@ def synchronize(device: str | th.device) -> None:
         th.cuda.synchronize(device)
 
 
+def seconds(device: str | th.device, fn: Callable[..., Any], *args: Any) -> float:
+    """Wall time of ``fn(*args)``, including the work it queued on ``device``."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def gemm_rate(size: int = 2048, repeats: int = 20, device: str = "cpu") -> float:
     """Best fp32 matmul rate in GFLOP/s over square and critic-shaped products."""
+
+    def products(a: th.Tensor, b: th.Tensor) -> None:
+        for _ in range(repeats):
+            th.mm(a, b)
+
     best = 0.0
     for m, k, n in ((size, size, size), (5000, 512, 512)):
         a, b = th.randn(m, k, device=device), th.randn(k, n, device=device)
         th.mm(a, b)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            th.mm(a, b)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed = seconds(device, products, a, b)
         best = max(best, 2.0 * m * k * n * repeats / elapsed / 1e9)
     return best
 
@@ -77,11 +87,7 @@ def raw_env_rate(env_id: str, steps: int) -> float:
 
 
 def timed_learn(model: Any, steps: int) -> float:
-    synchronize(model.device)
-    start = time.perf_counter()
-    model.learn(steps, reset_num_timesteps=False)
-    synchronize(model.device)
-    return steps / (time.perf_counter() - start)
+    return steps / seconds(model.device, lambda: model.learn(steps, reset_num_timesteps=False))
 
 
 def sac_rate(env_id: str, steps: int, device: str = "cpu") -> float:
@@ -110,11 +116,7 @@ def update_profile(model: Any) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = _update_batch(model)
-    synchronize(model.device)
-    start = time.perf_counter()
-    model._update(batch)
-    synchronize(model.device)
-    elapsed = time.perf_counter() - start
+    elapsed = seconds(model.device, model._update, batch)
     counter = FlopCounterMode(display=False)
     with counter:
         model._update(batch)
@@ -129,30 +131,26 @@ def update_breakdown(model: Any, profile_path: Path | None = None) -> dict[str, 
 
     def timed(name: str) -> Any:
         def run(*args: Any) -> None:
-            synchronize(model.device)
-            start = time.perf_counter()
-            originals[name](*args)
-            synchronize(model.device)
-            phases[name.strip("_")] = time.perf_counter() - start
+            phases[name.strip("_")] = seconds(model.device, originals[name], *args)
 
         return run
 
     for name in originals:
         setattr(model, name, timed(name))
-    try:
-        synchronize(model.device)
-        start = time.perf_counter()
-        if profile_path is not None:
-            from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                model._update(batch)
-            profile_path.parent.mkdir(parents=True, exist_ok=True)
-            profile_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-        else:
+    def one_update() -> None:
+        if profile_path is None:
             model._update(batch)
-        synchronize(model.device)
-        total = time.perf_counter() - start
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model._update(batch)
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        profile_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+    try:
+        total = seconds(model.device, one_update)
     finally:
         for name in originals:
             delattr(model, name)  # back to the class methods
@@ -210,11 +208,7 @@ def batch_scaling(
         batch = _update_batch(model)
         times: list[float] = []
         while not times or (len(times) < max_repeats and sum(times) + times[-1] <= budget_s):
-            synchronize(device)
-            start = time.perf_counter()
-            model._update(batch)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+            times.append(seconds(device, model._update, batch))
         counter = FlopCounterMode(display=False)
         with counter:
             model._update(batch)
