@@ -251,7 +251,31 @@ PRESET_CHECK = Preset(
     variants={name: "offtrc" for name in CPU_VARIANTS},
 )
 
-PRESETS = {"quick": QUICK, "full": FULL, "preset_check": PRESET_CHECK}
+#: The learning study (issue: OffTRC learns). Every arm starts from the cpu preset and changes one
+#: lever at a time; an arm may also set how its env is built under the reserved key ``"env"``
+#: (``n_envs``, ``normalize_obs``, ``cost``: see :func:`make_train_env`). Short evaluations (5
+#: episodes every 20k steps) keep a 100k-step run near four minutes here.
+_LEARN_BASE = get_preset("cpu")
+LEARN_VARIANTS: dict[str, dict[str, Any]] = {
+    "offtrc_cpu": _LEARN_BASE,
+    # a ten times larger trust region, fixed (no shrinking by the buffer's behaviour KL)
+    "kl0.01_fixed": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False},
+    "kl0.03_fixed": {**_LEARN_BASE, "max_kl": 0.03, "adaptive_trust_region": False},
+    "kl0.01_adaptive": {**_LEARN_BASE, "max_kl": 0.01},
+}
+LEARN = Preset(
+    name="learn",
+    blocks=[
+        Block(algos=list(LEARN_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=20_000,
+    n_eval_episodes=5,
+    hyperparams=dict(LEARN_VARIANTS),
+    variants={name: "offtrc" for name in LEARN_VARIANTS if name != "offtrc_cpu"},
+)
+
+PRESETS = {"quick": QUICK, "full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN}
 
 
 @dataclass
@@ -339,6 +363,30 @@ def make_env(env_id: str, seed: int) -> Any:
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
+
+
+def make_train_env(
+    env_id: str, seed: int, n_envs: int = 1, normalize_obs: bool = False, cost: str | None = None
+) -> tuple[Any, Any]:
+    """The training and evaluation VecEnvs of one run.
+
+    ``n_envs`` copies of the task (seeds ``seed``, ``seed + 1``, ...); ``cost="smooth"`` trains on
+    the paper's smooth hazard-distance cost (the native 0/1 cost is still counted as violations,
+    and evaluation always reports the native cost); ``normalize_obs`` wraps both in SB3's
+    ``VecNormalize`` (observations only), the evaluation env sharing the training statistics.
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    train_id = env_id
+    if cost == "smooth":
+        train_id = "OffTRC/" + env_id.replace("-v", "Smooth-v") if not env_id.startswith("OffTRC/") else env_id
+    train_env: Any = DummyVecEnv([(lambda k=k: make_env(train_id, seed + k)) for k in range(n_envs)])
+    eval_env: Any = DummyVecEnv([lambda: make_env(env_id, seed + 10_000)])
+    if normalize_obs:
+        train_env = VecNormalize(train_env, norm_obs=True, norm_reward=False)
+        eval_env = VecNormalize(eval_env, norm_obs=True, norm_reward=False, training=False)
+        eval_env.obs_rms = train_env.obs_rms  # the same object: evaluation sees today's statistics
+    return train_env, eval_env
 
 
 def episode_length(env: Any) -> int | None:
@@ -476,7 +524,6 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     # one core per run: the grid runs `--workers` processes side by side
     th.set_num_threads(1)
     import stable_baselines3
-    from stable_baselines3.common.vec_env import DummyVecEnv
 
     import sb3_offtrc
 
@@ -488,13 +535,12 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         shutil.rmtree(run_dir)  # an unfinished earlier attempt: start it again from scratch
     run_dir.mkdir(parents=True)
 
-    train_env = DummyVecEnv([lambda: make_env(spec.env_id, spec.seed)])
-    eval_env = DummyVecEnv([lambda: make_env(spec.env_id, spec.seed + 10_000)])
-    horizon = episode_length(train_env.envs[0])
-    episode_limit = spec.cost_limit * horizon if horizon else None
-
     # a deep copy: SB3 writes into the policy_kwargs dict it is given
     kwargs = copy.deepcopy(spec.hyperparams)
+    env_options = kwargs.pop("env", {})
+    train_env, eval_env = make_train_env(spec.env_id, spec.seed, **env_options)
+    horizon = episode_length(getattr(train_env, "venv", train_env).envs[0])
+    episode_limit = spec.cost_limit * horizon if horizon else None
     if spec.base in CONSTRAINED:
         kwargs["cost_limit"] = spec.cost_limit
     model = algo_class("MlpPolicy", train_env, seed=spec.seed, device="cpu", verbose=0, **kwargs)
@@ -550,6 +596,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
             "stable_baselines3": stable_baselines3.__version__,
             "sb3_offtrc": sb3_offtrc.__version__,
         },
+        "code": code_version(),
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": th.get_num_threads()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -559,6 +606,24 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     train_env.close()
     eval_env.close()
     return summary
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the checkout and whether the package or the benchmarks differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "sb3_offtrc", "benchmarks/run.py"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def _run_safely(spec: RunSpec) -> dict[str, Any]:
@@ -600,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         help="OffTRC cpu preset and one-change variants of it vs the paper settings on HazardPoint-v0, "
         "30k steps (paper settings 5 seeds, about 20 min each; the rest 10 seeds, under 2 min each)",
     )
+    group.add_argument("--learn", action="store_true", help="the learning study: one-lever OffTRC arms")
     parser.add_argument(
         "--out", type=Path, default=None, help="results directory (default benchmarks/results/<preset>)"
     )
@@ -624,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    preset = FULL if args.full else PRESET_CHECK if args.preset_check else QUICK
+    preset = FULL if args.full else PRESET_CHECK if args.preset_check else LEARN if args.learn else QUICK
     out = args.out or RESULTS_DIR / preset.name
     unknown = sorted(set(args.algos or []) - set(preset.algos()))
     if unknown:
