@@ -262,6 +262,17 @@ LEARN_VARIANTS: dict[str, dict[str, Any]] = {
     "kl0.01_fixed": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False},
     "kl0.03_fixed": {**_LEARN_BASE, "max_kl": 0.03, "adaptive_trust_region": False},
     "kl0.01_adaptive": {**_LEARN_BASE, "max_kl": 0.01},
+    # the authors' torch setup: five env copies (each recent window then holds five episodes' worth
+    # of 200 steps instead of one 1000-step stretch)
+    "kl0.01_fixed_n5": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False, "env": {"n_envs": 5}},
+    # ... and the paper's training cost (smooth hazard distance) and scaled observations (running
+    # mean/std, SB3's VecNormalize)
+    "kl0.01_fixed_n5_smooth_norm": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
 }
 LEARN = Preset(
     name="learn",

@@ -364,17 +364,17 @@ def test_failed_line_search_restores_parameters_exactly() -> None:
     with th.no_grad():
         mean_k, std_k = model.policy.distribution(obs)
 
-    def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
         mean, std = model.policy.distribution(obs)
-        return th.tensor(0.0), th.tensor(0.0), mean, std
+        return th.tensor(0.0), th.tensor(0.0), mean, std, th.ones(len(obs))
 
     huge = th.full_like(theta, 10.0)
-    tries, failed, _, _, std = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
+    tries, failed, _, _, std, _ = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
     assert failed and tries == model.line_search_max_iter
     assert th.equal(th.nn.utils.parameters_to_vector(params), theta)
     assert std is std_k  # the policy is unchanged, so is its std (logged as the entropy)
     small = huge * 1e-9
-    tries, failed, kl, _, std = model._line_search(params, small, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
+    tries, failed, kl, _, std, _ = model._line_search(params, small, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
     assert not failed and tries == 1 and kl <= 1.0
     with th.no_grad():
         th.testing.assert_close(std, model.policy.distribution(obs)[1])  # the accepted policy's std

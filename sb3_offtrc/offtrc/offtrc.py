@@ -435,8 +435,61 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
             kappa = float(diag_gaussian_kl(batch.behaviour_mean, batch.behaviour_std, mean_k, std_k).mean())
 
+        std_target = th.sqrt(th.clamp(targets.var_target, 0.0))
+        self._log_critic_holdout(recent, (v_r[:n], v_c[:n], s_c[:n]), (targets.reward_target, targets.cost_target, std_target))
+        self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
-        self._fit_critics(obs, targets.reward_target, targets.cost_target, th.sqrt(th.clamp(targets.var_target, 0.0)))
+        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target)
+
+    def _log_critic_holdout(
+        self, recent: th.Tensor, predictions: tuple[th.Tensor, ...], wanted: tuple[th.Tensor, ...]
+    ) -> None:
+        """Critic error on the newest windows before the critics have been fitted to them.
+
+        Those rows were collected after the last fit, so this is an error on unseen data (the fit's
+        own ``*_critic_loss`` is on the rows it was fitted to). ``*_holdout_ev`` is the explained
+        variance 1 - MSE / Var(target): 1 is perfect, 0 is no better than a constant.
+        """
+        for name, prediction, target in zip(("reward_critic", "cost_critic", "cost_std_critic"), predictions, wanted):
+            error = prediction[recent] - target[recent]
+            mse = float(th.mean(error**2))
+            variance = float(th.var(target[recent])) if int(recent.sum()) > 1 else math.nan
+            self.logger.record(f"diag/{name}_holdout_mse", mse)
+            self.logger.record(f"diag/{name}_holdout_ev", 1.0 - mse / variance if variance > 0 else math.nan)
+
+    def _log_monte_carlo_cost(self, batch: WindowBatch) -> None:
+        """Monte-Carlo mean and variance of the discounted cost return on the recent windows.
+
+        The return of each recent row is summed forward to the episode's end or to the window's end;
+        only rows with at least ``3 / (1 - gamma)`` steps of window ahead (or whose episode ends in
+        the window) are used, so the truncation costs under gamma^300 = 5% at gamma 0.99. Compare
+        with ``train/cost_mean`` (J_hat) and ``train/cost_std`` (sqrt V_hat).
+        """
+        recent = batch.recent.cpu().numpy() > 0
+        costs, cuts = batch.costs.cpu().numpy(), batch.cuts.cpu().numpy()
+        horizon = int(3.0 / (1.0 - self.gamma))
+        returns: list[float] = []
+        rows = np.flatnonzero(recent)
+        if rows.size == 0:
+            return
+        # recent rows come as one contiguous block per env copy
+        blocks = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+        for block in blocks:
+            ahead, running, seen_cut = np.zeros(len(block)), 0.0, False
+            valid = np.zeros(len(block), dtype=bool)
+            for j in range(len(block) - 1, -1, -1):
+                i = block[j]
+                if cuts[i] > 0:
+                    running, seen_cut = 0.0, True
+                running = costs[i] + self.gamma * running
+                ahead[j] = running
+                valid[j] = seen_cut or (len(block) - j) >= horizon
+                if cuts[i] > 0:
+                    seen_cut = True
+            returns.extend(ahead[valid].tolist())
+        if len(returns) > 1:
+            self.logger.record("diag/mc_cost_return_mean", float(np.mean(returns)))
+            self.logger.record("diag/mc_cost_return_std", float(np.std(returns)))
 
     def _policy_step(
         self,
@@ -458,18 +511,19 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
         limit = self.cost_return_limit  # the CVaR limit D
 
-        def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
             mean, std = policy.distribution(obs)
             ratio = th.exp(gaussian_log_prob(actions, mean, std) - log_pi_k)
             objective = reward_surrogate(ratio, targets.reward_advantage, rho)
             cvar = cost_surrogates(ratio, targets.cost_advantage, targets.var_advantage, rho, constants).cvar
-            return objective, cvar, mean, std
+            return objective, cvar, mean, std, ratio
 
-        objective, cvar, mean, std = surrogates()
+        objective, cvar, mean, std, ratio = surrogates()
         cvar_k = cvar.item()  # = J_hat + k sqrt(V_hat): the surrogate's corrections vanish at theta_k
         margin = cvar_k - limit  # c (§3.7)
         g = flat_grad(objective, params, retain_graph=True)
         b = flat_grad(cvar, params, retain_graph=True)
+        self._log_split_half_cosines(params, ratio, targets, rho, constants)
         # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
         fisher_mean, fisher_std = self._fisher_outputs(obs, mean, std)
         hessian_vector_product = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, self.damping)
@@ -487,8 +541,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.logger.record("train/trust_region", eps)
         self.logger.record("train/step_case", solution.case.name.lower())
         self.logger.record("train/step_case_id", int(solution.case))
+        # the dual's scalars; cos2 = r^2 / (q s) is the squared cosine of the reward and cost
+        # directions in the Fisher metric (1: the constraint blocks the reward step entirely)
+        self.logger.record("diag/q", q)
+        self.logger.record("diag/r", r)
+        self.logger.record("diag/s", s)
+        self.logger.record("diag/cos2", r * r / (q * s) if q > 0 and s > 0 else math.nan)
+        self.logger.record("diag/lambda", solution.lam)
+        self.logger.record("diag/nu", solution.nu)
 
         ls_steps, ls_failed, kl_new, objective_new, std_after = 0, False, 0.0, 0.0, std.detach()
+        cvar_after = cvar_k
         if solution.case == StepCase.SKIPPED:
             warnings.warn(f"OffTRC update {self._n_updates}: policy step skipped: {solution.reason}", stacklevel=2)
             self.logger.record("train/skip_reason", solution.reason, exclude="tensorboard")
@@ -497,17 +560,52 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 step = -solution.recovery_scale * hinv_b
             else:
                 step = (hinv_g - solution.nu * hinv_b) / solution.lam
-            ls_steps, ls_failed, kl_new, objective_new, std_after = self._line_search(
+            ls_steps, ls_failed, kl_new, objective_new, std_after, cvar_after = self._line_search(
                 params, step, surrogates, mean_k, std_k, objective.item(), cvar_k, margin, eps,
                 check_objective=solution.case != StepCase.RECOVERY,
             )  # fmt: skip
 
         entropy = float(gaussian_entropy(std_after).mean())
+        with th.no_grad():
+            mean_after = policy.distribution(obs)[0] if ls_steps and not ls_failed else mean_k
+            self.logger.record("diag/mean_shift", float(th.linalg.vector_norm(mean_after - mean_k, dim=-1).mean()))
+        self.logger.record("diag/std", float(std_after.mean()))
+        self.logger.record("diag/cvar_after", cvar_after)
         self.logger.record("train/objective", objective_new)
         self.logger.record("train/kl", kl_new)
         self.logger.record("train/line_search_steps", ls_steps)
         self.logger.record("train/line_search_failed", int(ls_failed))
         self.logger.record("train/entropy", entropy)
+
+    def _log_split_half_cosines(
+        self,
+        params: list[th.nn.Parameter],
+        ratio: th.Tensor,
+        targets: Any,
+        rho: th.Tensor,
+        constants: SurrogateConstants,
+    ) -> None:
+        """Cosine between the reward (and the CVaR) gradients of two halves of the batch.
+
+        The halves are alternating blocks of 100 consecutive rows (neighbouring steps are strongly
+        correlated, so alternate rows would look alike for no good reason). Near 1: the gradient is
+        signal; near 0: the step follows noise.
+        """
+        n = ratio.shape[0]
+        block = (th.arange(n, device=ratio.device) // 100) % 2 == 0
+        if int(block.sum()) < 2 or int((~block).sum()) < 2:
+            return
+        grads: dict[str, list[th.Tensor]] = {"reward": [], "cvar": []}
+        for half in (block, ~block):
+            objective = reward_surrogate(ratio[half], targets.reward_advantage[half], rho[half])
+            cvar = cost_surrogates(
+                ratio[half], targets.cost_advantage[half], targets.var_advantage[half], rho[half], constants
+            ).cvar
+            grads["reward"].append(flat_grad(objective, params, retain_graph=True))
+            grads["cvar"].append(flat_grad(cvar, params, retain_graph=True))
+        for name, (first, second) in grads.items():
+            cosine = th.nn.functional.cosine_similarity(first, second, dim=0)
+            self.logger.record(f"diag/{name}_grad_split_cos", float(cosine))
 
     def _fisher_outputs(self, obs: th.Tensor, mean: th.Tensor, std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """The policy outputs (with graph) on which the Fisher-vector products are computed."""
@@ -532,17 +630,18 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         margin: float,
         eps: float,
         check_objective: bool,
-    ) -> tuple[int, bool, float, float, th.Tensor]:
+    ) -> tuple[int, bool, float, float, th.Tensor, float]:
         """Bounded backtracking (§3.8).
 
-        Returns (tries, failed, kl, objective, std of the new policy); restores theta_k on failure.
+        Returns (tries, failed, kl, objective, std of the new policy, its CVaR surrogate); restores
+        theta_k on failure.
         """
         theta_k = parameters_to_vector(params).detach().clone()
         with th.no_grad():
             for attempt in range(self.line_search_max_iter):
                 beta = self.line_search_decay**attempt
                 vector_to_parameters(theta_k + beta * step, params)
-                objective, cvar, mean, std = surrogates()
+                objective, cvar, mean, std, _ = surrogates()
                 kl = float(diag_gaussian_kl(mean_k, std_k, mean, std).mean())
                 ok = (
                     math.isfinite(kl)
@@ -551,9 +650,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     and float(cvar) - cvar_k <= max(-margin, 0.0)
                 )
                 if ok:
-                    return attempt + 1, False, kl, float(objective), std
+                    return attempt + 1, False, kl, float(objective), std, float(cvar)
             vector_to_parameters(theta_k, params)
-        return self.line_search_max_iter, True, 0.0, objective_k, std_k
+        return self.line_search_max_iter, True, 0.0, objective_k, std_k, cvar_k
 
     def _fit_critics(
         self, obs: th.Tensor, reward_target: th.Tensor, cost_target: th.Tensor, std_target: th.Tensor
