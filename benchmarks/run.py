@@ -363,27 +363,33 @@ def expand(
 # ----------------------------------------------------------------------------- one run
 
 
-def make_env(env_id: str, seed: int) -> Any:
+def make_env(env_id: str, seed: int, observation: str = "native") -> Any:
     """The one env construction every algorithm gets: task -> Monitor -> CostMonitor (outermost)."""
     from stable_baselines3.common.monitor import Monitor
 
     from sb3_offtrc.common.monitor import CostMonitor
     from sb3_offtrc.envs import make_safety_env
 
-    env = CostMonitor(Monitor(make_safety_env(env_id)))
+    env = CostMonitor(Monitor(make_safety_env(env_id, observation=observation)))
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
 
 
 def make_train_env(
-    env_id: str, seed: int, n_envs: int = 1, normalize_obs: bool = False, cost: str | None = None
+    env_id: str,
+    seed: int,
+    n_envs: int = 1,
+    normalize_obs: bool = False,
+    cost: str | None = None,
+    observation: str = "native",
 ) -> tuple[Any, Any]:
     """The training and evaluation VecEnvs of one run.
 
     ``n_envs`` copies of the task (seeds ``seed``, ``seed + 1``, ...); ``cost="smooth"`` trains on
     the paper's smooth hazard-distance cost (the native 0/1 cost is still counted as violations,
-    and evaluation always reports the native cost); ``normalize_obs`` wraps both in SB3's
+    and evaluation always reports the native cost); ``observation="paper"`` gives both the paper's
+    scaled Goal observation (``sb3_offtrc.envs.observations``); ``normalize_obs`` wraps both in SB3's
     ``VecNormalize`` (observations only), the evaluation env sharing the training statistics.
     """
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
@@ -391,8 +397,8 @@ def make_train_env(
     train_id = env_id
     if cost == "smooth":
         train_id = "OffTRC/" + env_id.replace("-v", "Smooth-v") if not env_id.startswith("OffTRC/") else env_id
-    train_env: Any = DummyVecEnv([(lambda k=k: make_env(train_id, seed + k)) for k in range(n_envs)])
-    eval_env: Any = DummyVecEnv([lambda: make_env(env_id, seed + 10_000)])
+    train_env: Any = DummyVecEnv([(lambda k=k: make_env(train_id, seed + k, observation)) for k in range(n_envs)])
+    eval_env: Any = DummyVecEnv([lambda: make_env(env_id, seed + 10_000, observation)])
     if normalize_obs:
         train_env = VecNormalize(train_env, norm_obs=True, norm_reward=False)
         eval_env = VecNormalize(eval_env, norm_obs=True, norm_reward=False, training=False)
@@ -630,7 +636,10 @@ def code_version() -> dict[str, Any]:
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--", "sb3_offtrc", "benchmarks/run.py"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}

@@ -73,3 +73,45 @@ def test_make_vec_env_with_string_id() -> None:
 def test_every_supported_task_builds_and_steps(task: str) -> None:
     infos = _run(make_safety_env(task), steps=10)
     assert all("cost" in info and "cv" in info for info in infos)
+
+
+def test_paper_goal_observation_matches_the_raw_sensors() -> None:
+    """The 24-dim paper observation, rebuilt here from Safety-Gymnasium's own observation dict."""
+    from sb3_offtrc.envs.observations import PAPER_GOAL_DIM
+
+    env = make_safety_env("SafetyPointGoal1-v0", cost="smooth", observation="paper")
+    assert env.observation_space.shape == (PAPER_GOAL_DIM,)
+    obs, _ = env.reset(seed=3)
+    env.action_space.seed(3)
+    task = env.unwrapped.task
+    for _ in range(40):
+        obs, _, _, _, info = env.step(env.action_space.sample())
+    raw = task.obs()  # Safety-Gymnasium's flattened vector, in its Dict space's order
+    parts = dict(
+        zip(
+            task.obs_info.obs_space_dict.keys(),
+            np.split(raw, np.cumsum([space.shape[0] for space in task.obs_info.obs_space_dict.values()])[:-1]),
+        )
+    )
+    goal = np.asarray(task.goal.pos[:2]) - np.asarray(task.agent.pos[:2])
+    ego = goal @ np.asarray(task.agent.mat)[:2, :2]
+    compass = ego / (np.linalg.norm(ego) + 0.001)
+    expected = np.concatenate([
+        compass / 0.7,
+        [(np.linalg.norm(goal) - 1.5) / 0.6],
+        parts["accelerometer"][:2] / 8.0,
+        parts["velocimeter"][:2] / 0.2,
+        parts["gyro"][2:] / 2.0,
+        (parts["hazards_lidar"] - 0.3) / 0.3,
+    ])  # fmt: skip
+    np.testing.assert_allclose(obs, expected, atol=1e-6)
+    assert "cv" in info  # the native cost is still counted
+
+
+def test_paper_observation_is_refused_where_it_is_not_defined() -> None:
+    with pytest.raises(ValueError, match="Goal tasks only"):
+        make_safety_env("SafetyPointButton1-v0", observation="paper")
+    with pytest.raises(ValueError, match="observation must be one of"):
+        make_safety_env("SafetyPointGoal1-v0", observation="scaled")
+    with pytest.raises(ValueError, match="Safety-Gymnasium Goal tasks only"):
+        make_safety_env("HazardPoint-v0", observation="paper")

@@ -369,12 +369,16 @@ def test_failed_line_search_restores_parameters_exactly() -> None:
         return th.tensor(0.0), th.tensor(0.0), mean, std, th.ones(len(obs))
 
     huge = th.full_like(theta, 10.0)
-    tries, failed, _, _, std, _ = model._line_search(params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True)
+    tries, failed, _, _, std, _ = model._line_search(
+        params, huge, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1e-6, True
+    )
     assert failed and tries == model.line_search_max_iter
     assert th.equal(th.nn.utils.parameters_to_vector(params), theta)
     assert std is std_k  # the policy is unchanged, so is its std (logged as the entropy)
     small = huge * 1e-9
-    tries, failed, kl, _, std, _ = model._line_search(params, small, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True)
+    tries, failed, kl, _, std, _ = model._line_search(
+        params, small, surrogates, mean_k, std_k, 0.0, 0.0, -1.0, 1.0, True
+    )
     assert not failed and tries == 1 and kl <= 1.0
     with th.no_grad():
         th.testing.assert_close(std, model.policy.distribution(obs)[1])  # the accepted policy's std
@@ -741,3 +745,53 @@ def test_env_id_strings_as_sb3_users_write_them() -> None:
     ids = result.stdout.split()
     assert ids[:3] == ["HazardPoint-v0"] * 3
     assert ids[3:] in ([], ["True"])  # the Safety-Gymnasium task, through our registration with info["cost"]
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def test_monte_carlo_cost_return_against_a_forward_sum() -> None:
+    from types import SimpleNamespace
+
+    model = _model(gamma=0.9)  # horizon 3 / (1 - 0.9) = 30 rows
+    rng = np.random.default_rng(0)
+    n_recent, n_old = 80, 40
+    costs = rng.random(2 * (n_recent + n_old)).astype(np.float32) * (rng.random(240) < 0.3)
+    cuts = np.zeros(240, dtype=np.float32)
+    cuts[[20, 100, 130, 200]] = 1.0  # episode ends (two inside recent windows, two in old ones)
+    recent = np.zeros(240, dtype=np.float32)
+    recent[:n_recent] = 1.0  # env 0: recent rows 0-79, old 80-119; env 1: recent 120-199
+    recent[120:200] = 1.0
+    batch = SimpleNamespace(recent=th.tensor(recent), costs=th.tensor(costs), cuts=th.tensor(cuts))
+    model._logger = __import__("stable_baselines3.common.logger", fromlist=["Logger"]).Logger(None, [])
+    model._log_monte_carlo_cost(batch)  # type: ignore[arg-type]
+
+    expected = []
+    for start, stop in ((0, 80), (120, 200)):
+        for t in range(start, stop):
+            total, k, ended = 0.0, t, False
+            while k < stop:
+                total += 0.9 ** (k - t) * costs[k]
+                if cuts[k]:
+                    ended = True
+                    break
+                k += 1
+            if ended or stop - t >= 30:
+                expected.append(total)
+    values = model.logger.name_to_value
+    assert values["diag/mc_cost_return_mean"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert values["diag/mc_cost_return_std"] == pytest.approx(np.std(expected), rel=1e-5)
+
+
+def test_updates_log_the_diagnostics() -> None:
+    model = _model()
+    model.learn(600)
+    values = model.logger.name_to_value
+    for key in (
+        "diag/q", "diag/s", "diag/cos2", "diag/mean_shift", "diag/std", "diag/cvar_after",
+        "diag/reward_critic_holdout_mse", "diag/cost_critic_holdout_ev", "diag/reward_grad_split_cos",
+        "diag/cvar_grad_split_cos",
+    ):  # fmt: skip
+        assert key in values, key
+    assert 0.0 <= values["diag/cos2"] <= 1.0 + 1e-6  # Cauchy-Schwarz in the Fisher metric
+    assert -1.0 <= values["diag/reward_grad_split_cos"] <= 1.0
+    assert values["diag/std"] > 0 and values["diag/reward_critic_holdout_mse"] >= 0
+    assert values["diag/reward_critic_holdout_ev"] <= 1.0

@@ -45,6 +45,7 @@ MUJOCO_TASKS = {
 }
 
 COST_CHOICES = ("native", "smooth")
+OBSERVATION_CHOICES = ("native", "paper")
 
 
 def registered_ids() -> list[str]:
@@ -95,6 +96,7 @@ def make_safety_env(
     env_id: str,
     cost: str | None = None,
     render_mode: str | None = None,
+    observation: str = "native",
     **kwargs: Any,
 ) -> gym.Env:
     """Build a constrained task as a gymnasium env with the step cost in ``info["cost"]``.
@@ -107,13 +109,21 @@ def make_safety_env(
         HalfCheetah/Walker2d, where it is the only choice). Ignored where the id fixes it
         (``...Smooth-v0``).
     :param render_mode: ``"rgb_array"`` for frames (headless: set ``MUJOCO_GL=egl``), or ``None``.
+    :param observation: ``"native"`` (the task's own observation) or ``"paper"`` (the authors'
+        scaled 24-dimensional Goal observation, :mod:`sb3_offtrc.envs.observations`; Goal tasks only).
     :param kwargs: passed to the underlying env constructor.
     :return: the env; ``info["cost"]`` and ``info["cv"]`` are set on every step.
     :raises ValueError: for an unknown id or an unsupported cost, listing what is available.
     """
     if cost is not None and cost not in COST_CHOICES:
         raise ValueError(f"cost must be one of {COST_CHOICES}, got {cost!r}")
+    if observation not in OBSERVATION_CHOICES:
+        raise ValueError(f"observation must be one of {OBSERVATION_CHOICES}, got {observation!r}")
     base, chosen = _parse(env_id, cost)
+    if observation != "native" and not base.startswith("Safety"):
+        raise ValueError(
+            f"observation={observation!r} is defined for the Safety-Gymnasium Goal tasks only, not {env_id!r}"
+        )
     if base in ("HazardPoint-v0", "HazardPointSmooth-v0"):
         import sb3_offtrc.envs  # noqa: F401  (registers the ids)
 
@@ -134,6 +144,12 @@ def make_safety_env(
     if adapter_id not in gym.registry:
         raise _unknown(env_id, " (not a Safety-Gymnasium task either)")
     env = gym.make(adapter_id, render_mode=render_mode, **kwargs)
+    if observation == "paper":
+        if "Goal" not in name:
+            raise ValueError(f"observation='paper' is defined for the Goal tasks only, not {env_id!r}")
+        from sb3_offtrc.envs.observations import PaperGoalObservation
+
+        env = PaperGoalObservation(env)
     if chosen == "smooth":
         return HazardDistanceCost(env)
     return NativeCost(env)

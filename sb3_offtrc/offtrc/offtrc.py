@@ -436,7 +436,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             kappa = float(diag_gaussian_kl(batch.behaviour_mean, batch.behaviour_std, mean_k, std_k).mean())
 
         std_target = th.sqrt(th.clamp(targets.var_target, 0.0))
-        self._log_critic_holdout(recent, (v_r[:n], v_c[:n], s_c[:n]), (targets.reward_target, targets.cost_target, std_target))
+        self._log_critic_holdout(
+            recent, (v_r[:n], v_c[:n], s_c[:n]), (targets.reward_target, targets.cost_target, std_target)
+        )
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
         self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target)
@@ -484,8 +486,6 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 running = costs[i] + self.gamma * running
                 ahead[j] = running
                 valid[j] = seen_cut or (len(block) - j) >= horizon
-                if cuts[i] > 0:
-                    seen_cut = True
             returns.extend(ahead[valid].tolist())
         if len(returns) > 1:
             self.logger.record("diag/mc_cost_return_mean", float(np.mean(returns)))

@@ -1,0 +1,72 @@
+"""The paper's observation of the Safety-Gymnasium Goal tasks (the ``observation="paper"`` option).
+
+The authors do not train on Safety-Gymnasium's 60-dimensional vector (accelerometer, velocimeter,
+gyro and magnetometer with three axes each, then 16-bin lidars of the goal, the hazards and the
+vases). They build a 24-dimensional one from the simulator, each part scaled by hand to roughly unit
+size (facts read from rllab-snu/Off-Policy-TRC, ``utils/env.py``):
+
+====================  ====  =========================
+part                  dims  scaling
+====================  ====  =========================
+goal compass          2     / 0.7  (unit ego-frame XY direction)
+goal distance         1     (d - 1.5) / 0.6
+accelerometer (x, y)  2     / 8
+velocimeter (x, y)    2     / 0.2
+gyro (z)              1     / 2
+hazard lidar          16    (l - 0.3) / 0.3
+====================  ====  =========================
+
+The vases (which cost nothing in the Goal1 tasks) and the constant parts (gravity on the
+accelerometer's z axis, the magnetometer) are left out. In the raw vector the accelerometer varies
+with a standard deviation up to 8.9 while the lidar and velocity inputs vary by 0.03-0.37, so
+without this (or a running normalisation) the informative inputs are drowned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+#: Dimension of the paper's Goal observation.
+PAPER_GOAL_DIM = 2 + 1 + 2 + 2 + 1 + 16
+
+
+def _safety_task(env: gym.Env) -> Any:
+    """The Safety-Gymnasium task object under the wrappers, or a clear error."""
+    task = getattr(env.unwrapped, "task", None)
+    if task is not None:
+        return task
+    raise ValueError(
+        f"observation='paper' needs a Safety-Gymnasium Goal task, got {env.spec.id if env.spec else env!r}"
+    )
+
+
+class PaperGoalObservation(gym.ObservationWrapper):
+    """Replace a Safety-Gymnasium Goal task's observation with the paper's 24-dimensional one."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        task = _safety_task(env)
+        for part in ("goal", "hazards", "agent"):
+            if not hasattr(task, part):
+                raise ValueError(
+                    f"observation='paper' is defined for the Goal tasks with hazards; this task has no {part!r}"
+                )
+        self._task = task
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(PAPER_GOAL_DIM,), dtype=np.float64)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        del observation  # rebuilt from the simulator state, as the authors do
+        task = self._task
+        agent = task.agent
+        compass = task._obs_compass(task.goal.pos)  # noqa: SLF001  (Safety-Gymnasium has no public one)
+        distance = np.array([task.dist_goal()])
+        acc = agent.get_sensor("accelerometer")[:2]
+        vel = agent.get_sensor("velocimeter")[:2]
+        gyro = agent.get_sensor("gyro")[2:]
+        lidar = task._obs_lidar(task.hazards.pos, task.hazards.group)  # noqa: SLF001
+        return np.concatenate(
+            [compass / 0.7, (distance - 1.5) / 0.6, acc / 8.0, vel / 0.2, gyro / 2.0, (lidar - 0.3) / 0.3]
+        ).astype(np.float64)
