@@ -90,7 +90,8 @@ def test_paper_goal_observation_matches_the_raw_sensors() -> None:
     parts = dict(
         zip(
             task.obs_info.obs_space_dict.keys(),
-            np.split(raw, np.cumsum([space.shape[0] for space in task.obs_info.obs_space_dict.values()])[:-1]), strict=False,
+            np.split(raw, np.cumsum([space.shape[0] for space in task.obs_info.obs_space_dict.values()])[:-1]),
+            strict=True,
         )
     )
     goal = np.asarray(task.goal.pos[:2]) - np.asarray(task.agent.pos[:2])

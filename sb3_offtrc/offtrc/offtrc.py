@@ -452,7 +452,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         own ``*_critic_loss`` is on the rows it was fitted to). ``*_holdout_ev`` is the explained
         variance 1 - MSE / Var(target): 1 is perfect, 0 is no better than a constant.
         """
-        for name, prediction, target in zip(("reward_critic", "cost_critic", "cost_std_critic"), predictions, wanted, strict=False):
+        for name, prediction, target in zip(
+            ("reward_critic", "cost_critic", "cost_std_critic"), predictions, wanted, strict=True
+        ):
             error = prediction[recent] - target[recent]
             mse = float(th.mean(error**2))
             variance = float(th.var(target[recent])) if int(recent.sum()) > 1 else math.nan
