@@ -795,3 +795,14 @@ def test_updates_log_the_diagnostics() -> None:
     assert -1.0 <= values["diag/reward_grad_split_cos"] <= 1.0
     assert values["diag/std"] > 0 and values["diag/reward_critic_holdout_mse"] >= 0
     assert values["diag/reward_critic_holdout_ev"] <= 1.0
+
+
+def test_line_search_checks_the_objective_only_where_the_policy_is_feasible() -> None:
+    from sb3_offtrc.core import StepCase
+    from sb3_offtrc.offtrc.offtrc import objective_must_not_drop
+
+    assert objective_must_not_drop(StepCase.FEASIBLE, -0.5)
+    assert objective_must_not_drop(StepCase.CONSTRAINED, -0.5)
+    assert not objective_must_not_drop(StepCase.CONSTRAINED, 0.0)  # infeasible: the CVaR comes first
+    assert not objective_must_not_drop(StepCase.CONSTRAINED, 0.3)
+    assert not objective_must_not_drop(StepCase.RECOVERY, 0.3)

@@ -564,7 +564,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 step = (hinv_g - solution.nu * hinv_b) / solution.lam
             ls_steps, ls_failed, kl_new, objective_new, std_after, cvar_after = self._line_search(
                 params, step, surrogates, mean_k, std_k, objective.item(), cvar_k, margin, eps,
-                check_objective=solution.case != StepCase.RECOVERY,
+                check_objective=objective_must_not_drop(solution.case, margin),
             )  # fmt: skip
 
         entropy = float(gaussian_entropy(std_after).mean())
@@ -712,6 +712,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"], []
+
+
+def objective_must_not_drop(case: StepCase, margin: float) -> bool:
+    """Whether the line search also requires the reward surrogate not to drop (§3.8).
+
+    Only where the current policy is feasible (``c < 0``), as in the authors' code: when it violates
+    the constraint (``c >= 0``: a constrained or a recovery step) the step's first job is to lower
+    the CVaR, and a step that does so at some cost in reward is accepted.
+    """
+    return case != StepCase.RECOVERY and margin < 0.0
 
 
 def fit_minibatches(

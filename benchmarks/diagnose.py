@@ -1,0 +1,126 @@
+"""Summarise OffTRC's per-update telemetry of benchmark runs made with ``run.py --train-log``.
+
+For every ``<env>/<algo>/seed<k>/progress.csv`` under a results directory, one row per algorithm
+(medians over its updates, averaged over seeds) of the numbers that say why a run does or does not
+improve (docs/diagnosis.md explains each):
+
+- the share of updates in each step case (feasible / constrained / recovery / skipped);
+- the trust region used against ``max_kl`` and the KL the line search reached;
+- the reward-surrogate gain of the accepted step and the policy mean's displacement;
+- the CVaR estimate, the share of it that is the variance term ``k sqrt(V_hat)``, ``J_hat`` against
+  the Monte-Carlo discounted cost return of the same windows;
+- the critics' explained variance on the newest windows before they are fitted (held-out);
+- the split-half cosines of the reward and CVaR gradients, ``cos2`` of the dual, the action std at
+  the start and at the end.
+
+Usage::
+
+    python benchmarks/diagnose.py --results benchmarks/results/learn [--env SafetyPointGoal1-v0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CASES = ("feasible", "constrained", "recovery", "skipped")
+
+
+def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
+    """The telemetry summary of one run (medians over its updates)."""
+    frame = pd.read_csv(progress)
+    updates = frame.dropna(subset=["train/step_case_id"])
+    if updates.empty:
+        return {}
+    row: dict[str, float] = {}
+    cases = updates["train/step_case"].value_counts(normalize=True)
+    for case in CASES:
+        row[case] = float(cases.get(case, 0.0))
+
+    def median(column: str) -> float:
+        return float(updates[column].median()) if column in updates else math.nan
+
+    row["radius/max_kl"] = median("train/trust_region") / max_kl
+    row["kl"] = median("train/kl")
+    row["kl_sum"] = float(updates["train/kl"].sum())
+    row["gain"] = median("train/objective")
+    row["mean_shift"] = median("diag/mean_shift")
+    row["cvar"] = median("train/cvar")
+    if "train/cost_std" in updates:
+        variance_share = (updates["train/cvar"] - updates["train/cost_mean"]) / updates["train/cvar"].where(
+            updates["train/cvar"] > 0
+        )
+        row["var_share"] = float(variance_share.median())
+    row["J_hat"] = float(updates["train/cost_mean"].mean())
+    row["J_mc"] = float(updates["diag/mc_cost_return_mean"].mean()) if "diag/mc_cost_return_mean" in updates else math.nan
+    row["sd_hat"] = median("train/cost_std")
+    row["sd_mc"] = median("diag/mc_cost_return_std")
+    for name in ("reward", "cost", "cost_std"):
+        row[f"ev_{name}"] = median(f"diag/{name}_critic_holdout_ev")
+    row["cos_reward"] = median("diag/reward_grad_split_cos")
+    row["cos_cvar"] = median("diag/cvar_grad_split_cos")
+    row["cos2"] = median("diag/cos2")
+    stds = updates["diag/std"].dropna() if "diag/std" in updates else pd.Series(dtype=float)
+    row["std_first"] = float(stds.iloc[0]) if len(stds) else math.nan
+    row["std_last"] = float(stds.iloc[-1]) if len(stds) else math.nan
+    return row
+
+
+def summarise(results: Path, env: str | None) -> pd.DataFrame:
+    rows = []
+    for progress in sorted(results.glob("*/*/seed*/progress.csv")):
+        run_dir = progress.parent
+        if env and run_dir.parent.parent.name != env.replace("/", "_"):
+            continue
+        summary_path = run_dir / "summary.json"
+        if not summary_path.exists():
+            continue  # unfinished
+        summary = json.loads(summary_path.read_text())
+        max_kl = float(summary.get("hyperparams", {}).get("max_kl", 0.001))
+        row = summarise_run(progress, max_kl)
+        if not row:
+            continue
+        final = summary.get("final_eval", {})
+        row.update(
+            env=run_dir.parent.parent.name,
+            algo=run_dir.parent.name,
+            seed=summary["seed"],
+            eval_return=final.get("eval_return", math.nan),
+            eval_cost=final.get("eval_cost", math.nan),
+        )
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    numeric = [c for c in frame.columns if c not in ("env", "algo", "seed")]
+    grouped = frame.groupby(["env", "algo"])[numeric].mean()
+    grouped.insert(0, "seeds", frame.groupby(["env", "algo"]).size())
+    return grouped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, required=True, help="a run.py results directory")
+    parser.add_argument("--env", default=None, help="only this env id")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    table = summarise(args.results, args.env)
+    if table.empty:
+        print(f"no finished run with a progress.csv under {args.results} (train with run.py --train-log)", file=sys.stderr)
+        return 1
+    with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.3g}".format):
+        print(table.T.to_string())
+    if args.out:
+        args.out.write_text(table.T.to_markdown(floatfmt=".3g") + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
