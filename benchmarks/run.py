@@ -273,6 +273,20 @@ LEARN_VARIANTS: dict[str, dict[str, Any]] = {
         "adaptive_trust_region": False,
         "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
     },
+    # ... with the paper's own scaled 24-dim observation instead of the running normalisation
+    "kl0.01_fixed_n5_smooth_paperobs": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "observation": "paper"},
+    },
+    # ... with the larger radius
+    "kl0.03_fixed_n5_smooth_norm": {
+        **_LEARN_BASE,
+        "max_kl": 0.03,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
 }
 LEARN = Preset(
     name="learn",
