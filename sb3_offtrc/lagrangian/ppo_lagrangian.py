@@ -20,6 +20,7 @@ from sb3_offtrc.cost_signal import CostReturnLimitMixin, resolve_env_string
 from sb3_offtrc.lagrangian.buffers import LagrangianRolloutBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import PPOLagrangianPolicy
+from sb3_offtrc.validation import check_float, check_int, check_lagrangian, check_schedule
 
 SelfPPOLagrangian = TypeVar("SelfPPOLagrangian", bound="PPOLagrangian")
 
@@ -96,11 +97,15 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
             rollout_buffer_class = LagrangianRolloutBuffer
         if not issubclass(rollout_buffer_class, LagrangianRolloutBuffer):
             raise ValueError("PPOLagrangian needs a rollout buffer with costs (a LagrangianRolloutBuffer subclass)")
-        self.cost_limit = float(cost_limit)
+        self.cost_limit = cost_limit
         self.cost_key = cost_key
-        self.lagrangian_lr = float(lagrangian_lr)
-        self.initial_lagrange = float(initial_lagrange)
+        self.lagrangian_lr = lagrangian_lr
+        self.initial_lagrange = initial_lagrange
         self.max_lagrange = max_lagrange
+        check_lagrangian(type(self).__name__, self)
+        # before PPO's own asserts on these two
+        check_int(type(self).__name__, "n_steps", n_steps)
+        check_int(type(self).__name__, "batch_size", batch_size)
         super().__init__(
             policy,
             resolve_env_string(env),
@@ -130,7 +135,27 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
             _init_setup_model=_init_setup_model,
         )
 
+    def _check_hyperparameters(self) -> None:
+        """Range checks of the arguments, each error naming its argument (also after ``load``)."""
+        owner = type(self).__name__
+        check_lagrangian(owner, self)
+        # D = cost_limit / (1 - gamma) needs gamma < 1
+        check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
+        check_float(owner, "gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_schedule(owner, "learning_rate", self.learning_rate)
+        for name in ("n_steps", "batch_size", "n_epochs"):
+            setattr(self, name, check_int(owner, name, getattr(self, name)))
+        check_schedule(owner, "clip_range", self.clip_range)
+        if self.clip_range_vf is not None:
+            check_schedule(owner, "clip_range_vf", self.clip_range_vf)
+        check_float(owner, "ent_coef", self.ent_coef)
+        check_float(owner, "vf_coef", self.vf_coef, 0.0)
+        check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        if self.target_kl is not None:
+            check_float(owner, "target_kl", self.target_kl, 0.0, low_open=True, hint="or None for no early stop")
+
     def _setup_model(self) -> None:
+        self._check_hyperparameters()
         super()._setup_model()
         self.lagrange = LagrangeMultiplier(
             self.initial_lagrange, lr=self.lagrangian_lr, max_value=self.max_lagrange, device=self.device

@@ -18,6 +18,7 @@ from sb3_offtrc.cost_signal import CostReturnLimitMixin, resolve_env_string
 from sb3_offtrc.lagrangian.buffers import LagrangianReplayBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
 from sb3_offtrc.lagrangian.policies import SACLagrangianPolicy
+from sb3_offtrc.validation import check_float, check_int, check_lagrangian, check_schedule
 
 SelfSACLagrangian = TypeVar("SelfSACLagrangian", bound="SACLagrangian")
 
@@ -97,11 +98,12 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
         if not issubclass(replay_buffer_class, LagrangianReplayBuffer):
             raise ValueError("SACLagrangian needs a replay buffer that stores costs (a LagrangianReplayBuffer)")
         replay_buffer_kwargs = {"cost_key": cost_key, **(replay_buffer_kwargs or {})}
-        self.cost_limit = float(cost_limit)
+        self.cost_limit = cost_limit
         self.cost_key = cost_key
-        self.lagrangian_lr = float(lagrangian_lr)
-        self.initial_lagrange = float(initial_lagrange)
+        self.lagrangian_lr = lagrangian_lr
+        self.initial_lagrange = initial_lagrange
         self.max_lagrange = max_lagrange
+        check_lagrangian(type(self).__name__, self)
         super().__init__(
             policy,
             resolve_env_string(env),
@@ -133,7 +135,23 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
             _init_setup_model=_init_setup_model,
         )
 
+    def _check_hyperparameters(self) -> None:
+        """Range checks of the arguments, each error naming its argument (also after ``load``)."""
+        owner = type(self).__name__
+        check_lagrangian(owner, self)
+        # D = cost_limit / (1 - gamma) needs gamma < 1
+        check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
+        check_schedule(owner, "learning_rate", self.learning_rate)
+        for name, minimum in (("buffer_size", 1), ("learning_starts", 0), ("batch_size", 1)):
+            setattr(self, name, check_int(owner, name, getattr(self, name), minimum))
+        self.target_update_interval = check_int(owner, "target_update_interval", self.target_update_interval)
+        self.gradient_steps = check_int(owner, "gradient_steps", self.gradient_steps, -1)  # -1: as many as steps
+        check_float(owner, "tau", self.tau, 0.0, 1.0, low_open=True)
+        if not isinstance(self.ent_coef, str):  # "auto" / "auto_<initial value>" are SAC's own
+            check_float(owner, "ent_coef", self.ent_coef, 0.0, low_open=True, hint="or 'auto'")
+
     def _setup_model(self) -> None:
+        self._check_hyperparameters()
         super()._setup_model()
         self.lagrange = LagrangeMultiplier(
             self.initial_lagrange, lr=self.lagrangian_lr, max_value=self.max_lagrange, device=self.device

@@ -39,6 +39,7 @@ from sb3_offtrc.core import (
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
+from sb3_offtrc.validation import check_float, check_int, check_schedule
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 
@@ -196,41 +197,60 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------ setup
     def _check_hyperparameters(self) -> None:
-        k_alpha = cvar_coefficient(self.cvar_alpha)  # validates alpha
-        del k_alpha
-        n_envs = getattr(self, "n_envs", 1)  # unknown until an env is set (OffTRC.load without env)
-        for name in ("n_steps", "n_recent", "n_batch"):
-            value = getattr(self, name)
-            if value <= 0 or value % n_envs != 0:
-                raise ValueError(
-                    f"{name}={value} must be a positive multiple of the number of env copies ({n_envs}): "
-                    f"it counts transitions over all copies, e.g. {name}={max(1, value // n_envs) * n_envs}"
-                )
+        """Range checks of every hyperparameter, each error naming its argument.
+
+        Run by ``__init__`` and again by ``_setup_model``, i.e. also after ``OffTRC.load`` has put the
+        saved values, its keyword arguments and ``custom_objects`` in place.
+        """
+        owner = "OffTRC"
+        check_schedule(owner, "learning_rate", self.learning_rate)
+        for name, minimum in (
+            ("n_steps", 1),
+            ("n_recent", 1),
+            ("n_batch", 1),
+            ("buffer_size", 1),
+            ("cg_max_steps", 1),
+            ("line_search_max_iter", 1),
+            ("n_critic_epochs", 1),
+            ("learning_starts", 0),
+        ):
+            setattr(self, name, check_int(owner, name, getattr(self, name), minimum))
+        if self.critic_batch_size is not None:
+            self.critic_batch_size = check_int(owner, "critic_batch_size", self.critic_batch_size)
         if self.n_recent > self.n_batch:
             raise ValueError(f"n_recent={self.n_recent} cannot exceed n_batch={self.n_batch}")
         if self.n_batch > self.buffer_size:
             raise ValueError(f"n_batch={self.n_batch} cannot exceed buffer_size={self.buffer_size}")
-        if not 0.0 < self.gamma < 1.0:
-            raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
-        if not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"gae_lambda must lie in [0, 1], got {self.gae_lambda}")
-        if self.cost_limit < 0:
-            raise ValueError(f"cost_limit is a per-step cost limit d >= 0, got {self.cost_limit}")
-        if self.max_kl <= 0:
-            raise ValueError(f"max_kl must be positive, got {self.max_kl}")
-        if not 0.0 < self.line_search_decay < 1.0 or self.line_search_max_iter < 1:
-            raise ValueError("line_search_decay must lie in (0, 1) and line_search_max_iter must be >= 1")
-        if self.n_critic_epochs < 1:
-            raise ValueError(f"n_critic_epochs must be >= 1, got {self.n_critic_epochs}")
-        if self.critic_batch_size is not None and self.critic_batch_size < 1:
-            raise ValueError(
-                f"critic_batch_size must be a positive number of rows, or None for full-batch steps; "
-                f"got {self.critic_batch_size}"
-            )
-        if not 0.0 < self.fisher_fraction <= 1.0:
-            raise ValueError(f"fisher_fraction must lie in (0, 1], got {self.fisher_fraction}")
+        check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
+        check_float(owner, "gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_float(owner, "cost_limit", self.cost_limit, 0.0, hint="it is the per-step cost limit d")
+        cvar_coefficient(self.cvar_alpha)  # raises with its own message
+        check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
+        check_float(owner, "damping", self.damping, 0.0, low_open=True)
+        check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
+        check_float(owner, "fisher_fraction", self.fisher_fraction, 0.0, 1.0, low_open=True)
+        check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        if not isinstance(self.adaptive_trust_region, bool):
+            raise TypeError(f"OffTRC: adaptive_trust_region must be True or False, got {self.adaptive_trust_region!r}")
+        if not isinstance(self.cost_key, str) or not self.cost_key:
+            raise TypeError(f"OffTRC: cost_key must be the non-empty info key of the step cost, got {self.cost_key!r}")
+
+    def _check_env_copies(self) -> None:
+        """The transition counts must split evenly over the env copies (known once an env is attached)."""
+        n_envs = getattr(self, "n_envs", 1)
+        for name in ("n_steps", "n_recent", "n_batch"):
+            value = getattr(self, name)
+            if value % n_envs != 0:
+                raise ValueError(
+                    f"{name}={value} must be a positive multiple of the number of env copies ({n_envs}): "
+                    f"it counts transitions over all copies. Pass e.g. {name}={max(1, value // n_envs) * n_envs} "
+                    f"to OffTRC(...), or to OffTRC.load(path, env, {name}=...) for a saved model"
+                )
 
     def _setup_model(self) -> None:
+        # OffTRC.load() skips __init__'s values: check what it put in place, now that n_envs is known
+        self._check_hyperparameters()
+        self._check_env_copies()
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         if self.replay_buffer is None:

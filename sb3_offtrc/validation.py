@@ -1,0 +1,92 @@
+"""Range checks of constructor arguments, shared by OffTRC and the Lagrangian baselines.
+
+Each check raises a ``ValueError`` (a ``TypeError`` for a value of the wrong kind) that names the
+argument, the value it got and what it accepts, so that a bad setting fails at construction (or at
+``load``) instead of as a NaN or a ``ZeroDivisionError`` many updates later.
+
+Layer 2 (next to the algorithms): the standard library and numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+#: progress_remaining values at which a learning-rate schedule is probed (SB3 runs it from 1 to 0)
+SCHEDULE_PROBES = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int >= minimum``; an integral float (``1e3``) is accepted, NaN, inf and bools are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number != math.floor(number) or number < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(number)
+
+
+def check_float(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """``value`` as a finite float in the interval given by ``low``/``high`` (closed unless ``*_open``).
+
+    NaN and +-inf are always refused: no argument of these algorithms means anything at infinity.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or below or above:
+        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        interval = f"{left}, {right}"
+        extra = f"; {hint}" if hint else ""
+        raise ValueError(f"{owner}: {name} must be a finite number in {interval}, got {value!r}{extra}")
+    return number
+
+
+def check_schedule(owner: str, name: str, value: float | Callable[[float], float]) -> None:
+    """A positive finite value (a learning rate, PPO's clip range), or a schedule positive over the run.
+
+    A schedule (a function of SB3's ``progress_remaining``, 1 at the start and 0 at the end) is
+    probed at :data:`SCHEDULE_PROBES`: it must be positive everywhere before the end and not negative
+    at the end (a linear decay to 0 is allowed).
+    """
+    if not callable(value):
+        check_float(owner, name, value, 0.0, low_open=True, hint="pass a positive number or a schedule")
+        return
+    for progress in SCHEDULE_PROBES:
+        try:
+            rate = float(value(progress))
+        except Exception as exc:
+            raise ValueError(f"{owner}: the {name} schedule fails at progress_remaining={progress}: {exc!r}") from exc
+        if not math.isfinite(rate) or rate < 0.0 or (rate == 0.0 and progress > 0.0):
+            raise ValueError(
+                f"{owner}: the {name} schedule returns {rate!r} at progress_remaining={progress}; it must "
+                "return a finite rate > 0 while training runs (0 is allowed only at progress_remaining=0)"
+            )
+
+
+def check_lagrangian(owner: str, model: Any) -> None:
+    """The arguments the Lagrangian baselines add to SB3's: the limit, the cost key and the multiplier."""
+    check_float(owner, "cost_limit", model.cost_limit, 0.0, hint="it is the per-step cost limit d")
+    if not isinstance(model.cost_key, str) or not model.cost_key:
+        raise TypeError(f"{owner}: cost_key must be the (non-empty) info key of the step cost, got {model.cost_key!r}")
+    check_float(owner, "lagrangian_lr", model.lagrangian_lr, 0.0, low_open=True)
+    check_float(owner, "initial_lagrange", model.initial_lagrange, 0.0)
+    if model.max_lagrange is not None:
+        check_float(
+            owner, "max_lagrange", model.max_lagrange, model.initial_lagrange, hint="or None for no upper bound"
+        )
