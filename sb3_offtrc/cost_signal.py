@@ -6,6 +6,8 @@ Layer 2 (next to the algorithms): numpy only, no SB3 base classes.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -56,12 +58,46 @@ def resolve_env_string(env: Any) -> Any:
         return env
 
 
-def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm") -> np.ndarray:
-    """Per-env step costs ``info[cost_key]`` as a float32 array, with an error that says how to fix a missing key.
+def check_cost(value: Any, cost_key: str = "cost", owner: str = "This algorithm", where: str = "") -> float:
+    """One step cost ``info[cost_key]`` as a float: a finite real number >= 0, or a clear error.
+
+    A str, bool, None or list is a ``TypeError`` (``float("1.0")`` or ``float(True)`` would hide a
+    bug in the env); NaN, inf and negative costs are a ``ValueError``: a NaN cost must never count
+    as safe, and the constraint bounds a sum of non-negative costs. A single-element numpy array is
+    read as its element. ``where`` (e.g. ``" at env step 5 from env index 0"``) goes into the message.
+    """
+    number = value
+    if isinstance(value, np.ndarray) and value.size == 1:
+        number = value.reshape(()).item()
+    if isinstance(number, bool | np.bool_) or not isinstance(number, numbers.Real):
+        raise TypeError(
+            f"{owner}: the step cost info[{cost_key!r}] must be a real number, got {value!r} "
+            f"({type(value).__name__}){where}. Make the env's step() put float(cost) there."
+        )
+    cost = float(number)
+    if not math.isfinite(cost):
+        raise ValueError(
+            f"{owner}: Non-finite cost {cost}{where} in info[{cost_key!r}]; a NaN or inf cost can neither "
+            "be learned from nor judged safe. Check the environment (or its cost wrapper)."
+        )
+    if cost < 0.0:
+        raise ValueError(
+            f"{owner}: negative cost {cost}{where} in info[{cost_key!r}]; step costs must be >= 0 (the "
+            "constraint bounds the sum of non-negative costs). Shift or clip the env's cost."
+        )
+    return cost
+
+
+def costs_from_infos(
+    infos: Sequence[dict[str, Any]], cost_key: str, owner: str = "This algorithm", env_step: int | None = None
+) -> np.ndarray:
+    """Per-env step costs ``info[cost_key]`` as a float32 array, each checked by :func:`check_cost`,
+    with an error that says how to fix a missing key.
 
     :param infos: the ``infos`` list returned by ``VecEnv.step``.
     :param cost_key: the info key that carries the step cost.
     :param owner: name used in the error message.
+    :param env_step: the algorithm's step count, named in the error message.
     """
     costs = np.zeros(len(infos), dtype=np.float32)
     for idx, info in enumerate(infos):
@@ -72,7 +108,8 @@ def costs_from_infos(infos: Sequence[dict[str, Any]], cost_key: str, owner: str 
                 "(e.g. the built-in 'HazardPoint-v0' after `import sb3_offtrc.envs`, or a Safety-Gymnasium "
                 "task through sb3_offtrc.make_safety_env), or pass cost_key=<the key your env uses>."
             )
-        costs[idx] = float(info[cost_key])
+        at = f" at env step {env_step}" if env_step is not None else ""
+        costs[idx] = check_cost(info[cost_key], cost_key, owner, f"{at} from env index {idx}")
     return costs
 
 

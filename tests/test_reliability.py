@@ -26,6 +26,9 @@ TINY_SAC: dict[str, Any] = dict(learning_starts=10, batch_size=16, policy_kwargs
 TINY_PPO: dict[str, Any] = dict(n_steps=32, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]))
 
 
+COMPUTED = object()
+
+
 class CostLine(gym.Env[np.ndarray, np.ndarray]):
     """A point on a line; the step cost is ``cost`` (any value, to probe the checks) or ``|x| > 0.5``.
 
@@ -35,7 +38,7 @@ class CostLine(gym.Env[np.ndarray, np.ndarray]):
     observation_space = spaces.Box(-10.0, 10.0, (2,), np.float32)
     action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
 
-    def __init__(self, cost: Any = None, bad_obs_at: int | None = None, bad_obs: float = math.nan) -> None:
+    def __init__(self, cost: Any = COMPUTED, bad_obs_at: int | None = None, bad_obs: float = math.nan) -> None:
         self.cost, self.bad_obs_at, self.bad_obs = cost, bad_obs_at, bad_obs
         self.x, self.t = 0.0, 0
 
@@ -53,7 +56,7 @@ class CostLine(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         self.x = float(np.clip(self.x + 0.1 * float(np.asarray(action).reshape(-1)[0]), -10.0, 10.0))
         self.t += 1
-        cost = float(abs(self.x) > 0.5) if self.cost is None else self.cost
+        cost = float(abs(self.x) > 0.5) if self.cost is COMPUTED else self.cost
         return self._obs(), -abs(self.x), False, self.t >= 20, {"cost": cost}
 
 
@@ -212,3 +215,78 @@ def test_lagrangian_load_validates_its_overrides(algo: Any, tmp_path: Any) -> No
     with pytest.raises(ValueError, match="cost_limit"):
         algo.load(path, custom_objects={"cost_limit": -1.0})
     assert algo.load(path, cost_limit=0.5).cost_limit == 0.5
+
+
+# ------------------------------------------------------------- items 8 and 9: cost values
+BAD_COSTS = [("1.0", TypeError), (True, TypeError), (None, TypeError), ([1.0], TypeError), (-0.5, ValueError)]
+
+
+@pytest.mark.parametrize(("cost", "error"), [*BAD_COSTS, (NAN, ValueError), (INF, ValueError)])
+@pytest.mark.parametrize("algo", ["offtrc", "sac_lag", "ppo_lag"])
+def test_bad_step_costs_are_refused_naming_the_info_key_and_value(algo: str, cost: Any, error: type) -> None:
+    env = CostLine(cost=cost)
+    if algo == "offtrc":
+        model: Any = _offtrc(env)
+    elif algo == "sac_lag":
+        model = SACLagrangian("MlpPolicy", env, **TINY_SAC)
+    else:
+        model = PPOLagrangian("MlpPolicy", env, **TINY_PPO)
+    shown = "nan" if cost is NAN else "inf" if cost is INF else repr(cost)
+    with pytest.raises(error, match=r"info\['cost'\]") as caught:
+        model.learn(40)
+    message = str(caught.value)
+    assert "info['cost']" in message and shown in message and "env index 0" in message
+
+
+def test_a_huge_cost_stops_training_with_what_happened() -> None:
+    model = _offtrc(CostLine(cost=1e30))
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(ValueError, match=r"not finite.*rescale"):
+        model.learn(60)
+
+
+def test_a_diverging_critic_stops_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _offtrc()
+    # a fit that leaves a NaN in the cost critic, as an exploding gradient would
+    fit = model._fit_critics
+
+    def poisoned_fit(*args: Any) -> None:
+        next(model.policy.cost_critic.parameters()).data[0] = NAN
+        fit(*args)
+
+    monkeypatch.setattr(model, "_fit_critics", poisoned_fit)
+    with pytest.raises(ValueError, match=r"cost_critic diverged"):
+        model.learn(60)
+
+
+@pytest.mark.parametrize(("cost", "error"), [*BAD_COSTS, (NAN, ValueError)])
+def test_cost_monitor_refuses_bad_costs(cost: Any, error: type) -> None:
+    from sb3_offtrc.common.monitor import CostMonitor
+
+    env = CostMonitor(CostLine(cost=cost))
+    env.reset(seed=0)
+    with pytest.raises(error, match=r"CostMonitor.*info\['cost'\]"):
+        env.step(np.zeros(1, np.float32))
+    with_fn = CostMonitor(CostLine(cost=0.0), cost_fn=lambda obs, action, info: cost)
+    with_fn.reset(seed=0)
+    with pytest.raises(error, match=r"cost_fn"):
+        with_fn.step(np.zeros(1, np.float32))
+
+
+def test_nan_costs_and_flags_never_count_as_safe() -> None:
+    from sb3_offtrc.common.evaluation import SafeEvalCallback, evaluate_safe_policy
+    from sb3_offtrc.common.monitor import step_violation
+
+    model = _offtrc()
+    with pytest.raises(ValueError, match=r"evaluate_safe_policy: Non-finite cost nan"):
+        evaluate_safe_policy(model, CostLine(cost=NAN), n_eval_episodes=1)
+    with pytest.raises(ValueError, match="cost_limit"):
+        evaluate_safe_policy(model, CostLine(), n_eval_episodes=1, cost_limit=NAN)
+    with pytest.raises(ValueError, match="cost_limit"):
+        SafeEvalCallback(CostLine(), cost_limit=NAN)
+    with pytest.raises(ValueError, match="NaN"):
+        step_violation(NAN, {})
+    with pytest.raises(ValueError, match=r"info\['cv'\]"):
+        step_violation(0.0, {"cv": NAN})
+    # a real evaluation still works, and its violation rate is a number
+    result = evaluate_safe_policy(model, CostLine(cost=1.0), n_eval_episodes=2, cost_limit=5.0)
+    assert result.violation_rate == 1.0 and result.mean_cost == 20.0

@@ -26,6 +26,7 @@ from stable_baselines3.common.type_aliases import PolicyPredictor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, sync_envs_normalization
 
 from sb3_offtrc.common.monitor import step_violation
+from sb3_offtrc.cost_signal import check_cost
 
 
 def empirical_cvar(values: np.ndarray | list[float], alpha: float) -> float:
@@ -102,6 +103,9 @@ def evaluate_safe_policy(
     :param callback: called as ``callback(locals(), globals())`` after every env copy's step,
         like ``evaluate_policy``'s callback.
     """
+    empirical_cvar([], cvar_alpha)  # checks cvar_alpha before any episode is run
+    if cost_limit is not None and not math.isfinite(cost_limit):
+        raise ValueError(f"evaluate_safe_policy: cost_limit must be a finite episode cost or None, got {cost_limit}")
     if not isinstance(env, VecEnv):
         env = DummyVecEnv([lambda: env])  # type: ignore[list-item, return-value]
     n_envs = env.num_envs
@@ -135,7 +139,7 @@ def evaluate_safe_policy(
                     f"evaluate_safe_policy: step info has no {cost_key!r} key (keys: {sorted(info)}); "
                     "pass cost_key=..., or wrap the env in CostMonitor(env, cost_fn=...)"
                 )
-            cost = float(info[cost_key])
+            cost = check_cost(info[cost_key], cost_key, "evaluate_safe_policy", f" from env index {i}")
             cur_reward[i] += float(step_rewards[i])
             cur_cost[i] += cost
             cur_cv[i] += int(step_violation(cost, info, violation_key))
@@ -223,6 +227,9 @@ class SafeEvalCallback(EvalCallback):
     ) -> None:
         if constraint_metric not in ("mean", "cvar"):
             raise ValueError(f"constraint_metric must be 'mean' or 'cvar', got {constraint_metric!r}")
+        if cost_limit is not None and not math.isfinite(cost_limit):
+            raise ValueError(f"SafeEvalCallback: cost_limit must be a finite episode cost or None, got {cost_limit}")
+        empirical_cvar([], cvar_alpha)  # checks cvar_alpha
         super().__init__(
             eval_env,
             callback_on_new_best=callback_on_new_best,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import time
 from collections import deque
@@ -38,6 +39,8 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_offtrc.cost_signal import check_cost
 
 if TYPE_CHECKING:
     import pandas
@@ -61,11 +64,20 @@ def step_violation(
     training cost is the smooth one); otherwise ``cost > violation_threshold``.
     """
     if violation_key is not None:
-        return float(info.get(violation_key, 0.0)) > 0.0
+        return _violation_flag(info, violation_key) > 0.0
     for key in DEFAULT_VIOLATION_KEYS:
         if key in info:
-            return float(info[key]) > 0.0
+            return _violation_flag(info, key) > 0.0
+    if math.isnan(cost):  # NaN > threshold is False: it would pass as safe
+        raise ValueError("step_violation: the step cost is NaN; a NaN cost cannot be judged safe or unsafe")
     return cost > violation_threshold
+
+
+def _violation_flag(info: dict[str, Any], key: str) -> float:
+    flag = float(info.get(key, 0.0))
+    if math.isnan(flag):
+        raise ValueError(f"the violation flag info[{key!r}] is NaN; a NaN flag cannot be judged safe or unsafe")
+    return flag
 
 
 class CostMonitor(gym.Wrapper):
@@ -142,18 +154,19 @@ class CostMonitor(gym.Wrapper):
         return self.env.reset(**kwargs)
 
     def _step_cost(self, obs: Any, action: Any, info: dict[str, Any]) -> float:
+        env_id = self.env.spec.id if self.env.spec is not None else type(self.env.unwrapped).__name__
+        where = f" at step {self._ep_length + 1} of an episode of {env_id}"
         if self.cost_fn is not None:
-            cost = float(self.cost_fn(obs, action, info))
+            cost = check_cost(self.cost_fn(obs, action, info), self.cost_key, "CostMonitor (cost_fn)", where)
             info[self.cost_key] = cost
             return cost
         if self.cost_key not in info:
-            env_id = self.env.spec.id if self.env.spec is not None else type(self.env.unwrapped).__name__
             raise KeyError(
                 f"CostMonitor: the step info of {env_id} has no {self.cost_key!r} key (keys: {sorted(info)}). "
                 f"Pass cost_key=<the key your env uses>, or cost_fn=lambda obs, action, info: ..., "
                 "or build a Safety-Gymnasium env with sb3_offtrc.envs.make_safety_env, which fills info['cost']."
             )
-        return float(info[self.cost_key])
+        return check_cost(info[self.cost_key], self.cost_key, "CostMonitor", where)
 
     def _violated(self, cost: float, info: dict[str, Any]) -> bool:
         if self.violation_fn is not None:

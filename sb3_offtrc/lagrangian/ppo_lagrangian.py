@@ -166,7 +166,9 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
         super()._update_info_buffer(infos, dones)
-        self._last_costs = costs_from_infos(infos, self.cost_key, owner=type(self).__name__)
+        self._last_costs = costs_from_infos(
+            infos, self.cost_key, owner=type(self).__name__, env_step=self.num_timesteps
+        )
         self._cost_tracker.update(self._last_costs, np.zeros(len(infos), dtype=bool) if dones is None else dones)
 
     def dump_logs(self, iteration: int = 0) -> None:

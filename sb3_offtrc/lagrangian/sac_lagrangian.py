@@ -165,7 +165,7 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
         super()._update_info_buffer(infos, dones)
-        costs = costs_from_infos(infos, self.cost_key, owner=type(self).__name__)
+        costs = costs_from_infos(infos, self.cost_key, owner=type(self).__name__, env_step=self.num_timesteps)
         self._cost_tracker.update(costs, np.zeros(len(infos), dtype=bool) if dones is None else dones)
 
     def dump_logs(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -378,14 +379,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     ) -> None:
         assert isinstance(replay_buffer, CostReplayBuffer)
         assert self._behaviour is not None
-        costs = costs_from_infos(infos, self.cost_key, owner="OffTRC").astype(np.float64)
+        # checked there: a real, finite, non-negative number
+        costs = costs_from_infos(infos, self.cost_key, owner="OffTRC", env_step=self.num_timesteps).astype(np.float64)
         if self._vec_normalize_env is not None:
             new_obs_ = self._vec_normalize_env.get_original_obs()
             reward_ = self._vec_normalize_env.get_original_reward()
         else:
             self._last_original_obs, new_obs_, reward_ = self._last_obs, new_obs, reward
         self._check_finite("reward", np.asarray(reward_, dtype=np.float64))
-        self._check_finite("cost", costs)
 
         assert isinstance(new_obs_, np.ndarray)
         next_obs = new_obs_.copy()
@@ -687,10 +688,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             ("cost_critic_loss", policy.cost_critic, policy.cost_optimizer, cost_target),
             ("cost_std_critic_loss", policy.cost_std_critic, policy.cost_std_optimizer, std_target),
         ]
+        self._check_critic_targets(jobs)
         n_rows = features.shape[0]
         if self.critic_batch_size is not None and self.critic_batch_size < n_rows:
             for name, critic, optimizer, target in jobs:
                 self.logger.record(f"train/{name}", self._fit_minibatches(features, target, critic, optimizer))
+            self._check_critic_parameters(jobs)
             return
         chunks = [
             (features[i : i + self.critic_chunk_size], slice(i, i + self.critic_chunk_size))
@@ -710,6 +713,31 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 clip_grad_norm_(critic.parameters(), self.max_grad_norm)
                 optimizer.step()
             self.logger.record(f"train/{name}", total.item())
+        self._check_critic_parameters(jobs)
+
+    def _check_critic_targets(self, jobs: Sequence[tuple[str, th.nn.Module, Any, th.Tensor]]) -> None:
+        """Stop on a non-finite critic target: fitting to it would turn the critic into NaN, and every
+        later policy step would then be skipped with a warning only (issue 22)."""
+        for name, _, _, target in jobs:
+            if not bool(th.isfinite(target).all()):
+                finite = target[th.isfinite(target)]
+                largest = float(finite.abs().max()) if finite.numel() else math.nan
+                raise ValueError(
+                    f"OffTRC update {self._n_updates}: the target of the {name.removesuffix('_loss')} is not "
+                    f"finite ({int((~th.isfinite(target)).sum())} of {target.numel()} rows; the largest finite "
+                    f"one is {largest:.3g}). Costs or rewards this large overflow float32 in the targets "
+                    f"(the cost variance grows with cost^2 / (1 - gamma)^2): rescale them in the environment."
+                )
+
+    def _check_critic_parameters(self, jobs: Sequence[tuple[str, th.nn.Module, Any, th.Tensor]]) -> None:
+        """Stop when a critic's fit has produced non-finite parameters, instead of training on."""
+        for name, critic, _, target in jobs:
+            if not all(bool(th.isfinite(p).all()) for p in critic.parameters()):
+                raise ValueError(
+                    f"OffTRC update {self._n_updates}: the {name.removesuffix('_loss')} diverged (its parameters "
+                    f"are no longer finite; its targets reach {float(target.abs().max()):.3g}). Rescale the "
+                    "environment's costs/rewards, or lower learning_rate or max_grad_norm."
+                )
 
     def _fit_minibatches(
         self, features: th.Tensor, target: th.Tensor, critic: th.nn.Module, optimizer: th.optim.Optimizer
