@@ -17,6 +17,12 @@ Constraint flags (train and optimize):
 ``--constraint-metric M``  ``mean``, ``cvar`` or ``auto`` (CVaR for OffTRC, else the mean)
 ``--eval-cost-limit D``    episode cost limit (default: ``cost_limit`` of the file x episode length)
 
+Study flags (optimize, RDB storages: SQLite, PostgreSQL, MySQL):
+
+``--heartbeat-interval S``  seconds between a running trial's heartbeats (default 60; 0: none)
+``--heartbeat-grace S``     heartbeat age that marks a trial's worker dead (default 4 intervals)
+``--max-retry N``           how often a dead worker's trial is run again by another (default 3)
+
 Cost flags (enjoy): ``--cost-key K`` (default ``cost``) and ``--cvar-alpha A`` (default 0.125);
 ``enjoy`` prints each episode's cost and violations next to rl-zoo3's reward lines, and their
 mean and CVaR at the end (:class:`sb3_offtrc.zoo.enjoy.VecEpisodeCostReporter`).
@@ -58,7 +64,33 @@ def constraint_parser() -> argparse.ArgumentParser:
         default=None,
         help="episode cost limit D (default: cost_limit of the hyperparameters x episode length)",
     )
+    study = parser.add_argument_group("study flags of sb3_offtrc.zoo optimize (RDB storages)")
+    study.add_argument(
+        "--heartbeat-interval",
+        type=_non_negative_int,
+        default=60,
+        help="seconds between a running trial's heartbeats (0: no heartbeat, a killed worker's trial stays RUNNING)",
+    )
+    study.add_argument(
+        "--heartbeat-grace",
+        type=_non_negative_int,
+        default=None,
+        help="seconds without a heartbeat after which a trial is marked FAIL (default: 4 heartbeat intervals)",
+    )
+    study.add_argument(
+        "--max-retry",
+        type=_non_negative_int,
+        default=3,
+        help="how often a FAIL trial of a killed worker is queued again, for any worker (0: never)",
+    )
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
 
 
 def _flag_value(argv: list[str], *names: str) -> tuple[int, str] | None:
@@ -190,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "cost_penalty": settings.cost_penalty,
             "constraint_metric": settings.constraint_metric,
             "eval_cost_limit": settings.eval_cost_limit,
+            "heartbeat_interval": settings.heartbeat_interval,
+            "heartbeat_grace": settings.heartbeat_grace or None,
+            "max_retry": settings.max_retry,
         },
     )
     # rl-zoo3's train() looks the manager class up in its module's namespace when it runs

@@ -12,7 +12,8 @@ handling, env creation, wrappers, VecNormalize, schedules, saving) and replaces 
   model, not the best return).
 - ``objective``: the constrained value of :mod:`sb3_offtrc.zoo.objective`, with our samplers.
 - ``hyperparameters_optimization``: the study lives in a storage that several workers share (an
-  SQLite file by default), and the report names the best feasible trial.
+  SQLite file by default) with a heartbeat, so a killed worker's trial is run again by another
+  (:func:`~sb3_offtrc.zoo.objective.open_storage`), and the report names the best feasible trial.
 
 The safe behaviour applies to ``offtrc``, ``sac_lag`` and ``ppo_lag``, and to any other algorithm
 when an episode cost limit is given explicitly (e.g. ``--eval-cost-limit 2.5`` with ``--algo
@@ -25,6 +26,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import shlex
+import socket
 import time
 import warnings
 from collections import OrderedDict
@@ -35,7 +38,6 @@ from typing import Any
 import gymnasium as gym
 import optuna
 import yaml
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rl_zoo3.callbacks import SaveVecNormalizeCallback
 from rl_zoo3.exp_manager import ExperimentManager
@@ -49,9 +51,15 @@ from sb3_offtrc.zoo import ZOO_ALGOS
 from sb3_offtrc.zoo.objective import (
     ConstraintSpec,
     SafeTrialEvalCallback,
+    TotalTrialsCallback,
     best_feasible_trial,
     create_or_load_study,
+    heartbeat_settings,
+    hyperparams_entry,
     open_storage,
+    shown_url,
+    trials_still_needed,
+    zoo_params,
 )
 
 #: the key of the fallback entry in a hyperparameter file
@@ -97,6 +105,8 @@ def _json_safe(value: Any) -> Any:
         return [_json_safe(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, type) and value.__module__.startswith("torch.nn"):
+        return f"nn.{value.__name__}"  # as the hyperparameter files write it (rl-zoo3 has nn in scope)
     return getattr(value, "__name__", repr(value))
 
 
@@ -121,6 +131,12 @@ class SafeExperimentManager(ExperimentManager):
     constraint_metric: str = "auto"
     #: explicit episode cost limit ``D``; ``None`` derives ``d * T`` from the hyperparameters
     eval_cost_limit: float | None = None
+    #: seconds between a running trial's heartbeats in an RDB storage (0: no heartbeat)
+    heartbeat_interval: int = 60
+    #: seconds without a heartbeat after which a trial counts as its worker's death (None: 4 intervals)
+    heartbeat_grace: int | None = None
+    #: how often a dead worker's trial is queued again (0: never)
+    max_retry: int = 3
 
     _file_constraint: dict[str, Any]
     _spec: ConstraintSpec | None
@@ -247,6 +263,8 @@ class SafeExperimentManager(ExperimentManager):
         kwargs.update(sampled)
         # what to paste into a hyperparameter file (params hold the raw choices, e.g. n_batch_factor)
         trial.set_user_attr("hyperparams", _json_safe(sampled))
+        # which machine and process ran it (a retried trial names the worker of its last attempt)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
         env = self.create_envs(self.n_envs, no_log=True)
         model = ALGOS[self.algo](
@@ -312,7 +330,7 @@ class SafeExperimentManager(ExperimentManager):
         storage_arg = self.storage or self.default_storage()
         study_name = self.study_name or self.default_study_name()
         if self.verbose > 0:
-            print(f"Optimizing hyperparameters: study {study_name!r} in {storage_arg}")
+            print(f"Optimizing hyperparameters: study {study_name!r} in {shown_url(storage_arg)}")
         if self.tensorboard_log is not None:
             print("TensorBoard logging is off while optimizing hyperparameters")
             self.tensorboard_log = None
@@ -326,8 +344,14 @@ class SafeExperimentManager(ExperimentManager):
                 cvar_alpha=spec.cvar_alpha,
                 cost_penalty=spec.cost_penalty,
             )
+        storage = open_storage(
+            storage_arg,
+            heartbeat_interval=self.heartbeat_interval or None,
+            grace_period=self.heartbeat_grace,
+            max_retry=self.max_retry,
+        )
         study = create_or_load_study(
-            open_storage(storage_arg),
+            storage,
             study_name,
             sampler=self._create_sampler(self.sampler),
             pruner=self._create_pruner(self.pruner),
@@ -337,13 +361,14 @@ class SafeExperimentManager(ExperimentManager):
             print(f"Sampler: {self.sampler} - Pruner: {self.pruner}")
         try:
             if self.max_total_trials is not None:
-                # running trials count too, or every worker would start one more than allowed
-                counted = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
-                if len(study.get_trials(states=counted)) < self.max_total_trials:
+                # running trials count too, but those of dead workers are failed and retried first
+                heartbeat = heartbeat_settings(storage)
+                wait = float(sum(heartbeat)) if heartbeat else 0.0
+                if trials_still_needed(study, self.max_total_trials, wait):
                     study.optimize(
                         self.objective,
                         n_jobs=self.n_jobs,
-                        callbacks=[MaxTrialsCallback(self.max_total_trials, states=counted)],
+                        callbacks=[TotalTrialsCallback(self.max_total_trials, wait)],
                     )
             else:
                 study.optimize(self.objective, n_jobs=self.n_jobs, n_trials=self.n_trials)
@@ -361,6 +386,7 @@ class SafeExperimentManager(ExperimentManager):
         print(f"Best value: {best.value} (trial {best.number})")
         for key, value in best.params.items():
             print(f"    {key}: {value}")
+        chosen = best
         if self.is_safe:
             feasible = best_feasible_trial(study)
             if feasible is None:
@@ -371,8 +397,13 @@ class SafeExperimentManager(ExperimentManager):
                     f"Best feasible trial: {feasible.number} (return {attrs.get('eval_return')}, "
                     f"episode cost {attrs.get('eval_cost')} <= {attrs.get('episode_cost_limit')})"
                 )
-                for key, value in attrs.get("hyperparams", feasible.params).items():
-                    print(f"    {key}: {value}")
+                chosen = feasible
+        hyperparams = chosen.user_attrs.get("hyperparams")  # written by our objective only
+        if hyperparams is not None:
+            print(f"Trial {chosen.number} as hyperparameter-file values (merge them into the env's entry):")
+            for key, value in hyperparams_entry(hyperparams).items():
+                print(f"    {key}: {value!r}" if isinstance(value, str) else f"    {key}: {value}")
+            print("Or for zoo train: -params " + " ".join(shlex.quote(token) for token in zoo_params(hyperparams)))
         name = f"report_{self.env_name}_{study.study_name}_{int(time.time())}.csv".replace("/", "-")
         path = os.path.join(self.log_folder, self.algo, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)

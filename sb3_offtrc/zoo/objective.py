@@ -21,12 +21,21 @@ Storage. ``None`` means an SQLite file (one machine, any number of worker proces
 path ending in ``.db``/``.sqlite`` is that SQLite file; a path ending in ``.log`` is an Optuna
 journal file (a shared file system without a database server); anything with ``://`` is handed
 to Optuna as an RDB URL (``postgresql://...``, ``mysql+pymysql://...``: several machines).
+
+Dead workers. RDB storages (SQLite included) get Optuna's heartbeat: every running trial's
+worker refreshes a time stamp every ``heartbeat_interval`` seconds, and a trial whose stamp is
+older than the grace period is *stale*: its worker was killed (SIGKILL, a lost machine, ...).
+Whichever worker next looks marks it FAIL, and :func:`retry_stale_callback` queues a copy of it
+(same parameters, state WAITING) that the next free worker runs. :func:`trials_still_needed`
+counts a study's trials for ``--max-total-trials`` with that in mind.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -213,11 +222,31 @@ def storage_url(storage: str) -> str:
     return f"sqlite:///{os.path.abspath(storage)}"
 
 
-def open_storage(storage: str, heartbeat_interval: int | None = 60) -> optuna.storages.BaseStorage:
+def retry_stale_callback(max_retry: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna's callback that re-queues a stale trial (its parameters, state WAITING) up to ``max_retry`` times.
+
+    The copy's ``system_attrs`` name the original (``failed_trial``) and every earlier attempt
+    (``retry_history``).
+    """
+    # renamed in Optuna 4.9 (RetryFailedTrialCallback is kept as a deprecated alias)
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return cls(max_retry=max_retry)  # type: ignore[no-any-return]
+
+
+def open_storage(
+    storage: str,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    max_retry: int = 3,
+) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``storage`` (see the module docstring for the accepted forms).
 
-    RDB storages get a heartbeat, so the trials of a worker that died are marked failed instead
-    of staying "running" forever; SQLite connections wait up to a minute for a lock.
+    RDB storages get a heartbeat every ``heartbeat_interval`` seconds (``None`` or 0: none), so
+    the running trial of a worker that died is marked FAIL once its heartbeat is ``grace_period``
+    seconds old (default: four intervals) and then run again by another worker, at most
+    ``max_retry`` times (0: never). SQLite connections wait up to a minute for a lock.
     """
     url = storage_url(storage)
     if url.endswith(".log") and "://" not in url:
@@ -227,19 +256,105 @@ def open_storage(storage: str, heartbeat_interval: int | None = 60) -> optuna.st
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]) or ".", exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval:
+        if grace_period is not None and grace_period <= heartbeat_interval:
+            # a live worker's trial would be failed between two of its heartbeats
+            raise ValueError(
+                f"the grace period ({grace_period} s) must exceed the heartbeat interval ({heartbeat_interval} s)"
+            )
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period or 4 * heartbeat_interval}
+        if max_retry > 0:
+            # failed_trial_callback was renamed in Optuna 4.9
+            parameters = inspect.signature(optuna.storages.RDBStorage).parameters
+            name = (
+                "heartbeat_stale_trial_callback"
+                if "heartbeat_stale_trial_callback" in parameters
+                else "failed_trial_callback"
+            )
+            heartbeat[name] = retry_stale_callback(max_retry)
 
     def make() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             # the heartbeat is flagged experimental, but it has been in Optuna since 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=None if heartbeat_interval is None else 4 * heartbeat_interval,
-            )
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
-    return _retry(make, f"open the Optuna storage {url!r}")
+    return _retry(make, f"open the Optuna storage {shown_url(url)!r}")
+
+
+def shown_url(storage: str) -> str:
+    """``storage`` as it may be printed: the password of a database URL replaced by ``***``."""
+    if "://" not in storage:
+        return storage
+    try:
+        from sqlalchemy.engine import make_url
+
+        return str(make_url(storage).render_as_string(hide_password=True))
+    except Exception:  # not a URL SQLAlchemy can parse: Optuna will say so when it opens it
+        return storage
+
+
+def heartbeat_settings(storage: optuna.storages.BaseStorage) -> tuple[int, int] | None:
+    """``(heartbeat_interval, grace_period)`` of a storage made by :func:`open_storage`, ``None`` without a heartbeat.
+
+    (Ask the storage itself, not ``study._storage``: Optuna wraps an RDB storage in a cache.)
+    """
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.heartbeat_interval:
+        return None
+    interval = int(storage.heartbeat_interval)
+    return interval, int(storage.grace_period or 2 * interval)  # Optuna's own default grace
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark the trials of dead workers FAIL now (and queue their retries), instead of at the next ask."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+#: trial states that count toward ``--max-total-trials``; a WAITING retry is not counted, it replaces a FAIL
+COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+
+def trials_still_needed(
+    study: optuna.Study, max_trials: int, wait_seconds: float = 0.0, poll_seconds: float = 1.0
+) -> bool:
+    """Whether this worker should start another trial so that the study reaches ``max_trials``.
+
+    Running trials count, or every worker would start one more than needed. But a running trial
+    may belong to a worker that was killed, and with a heartbeat that only shows once the grace
+    period has passed. So when the running trials are all that make up the count, wait up to
+    ``wait_seconds`` (a grace period and a heartbeat: :func:`heartbeat_settings`) for them to
+    finish or go stale: a stale one is marked FAIL and queued again (:func:`open_storage`), and
+    this worker runs it.
+    """
+    deadline = time.monotonic() + wait_seconds
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    while True:
+        fail_stale_trials(study)  # a no-op without a heartbeat
+        trials = study.get_trials(deepcopy=False, states=COUNTED_STATES)
+        done = sum(t.state in finished for t in trials)
+        if done >= max_trials:
+            return False
+        if len(trials) < max_trials:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_seconds)
+
+
+class TotalTrialsCallback:
+    """Stop a worker's ``study.optimize`` once the study needs no more trials (:func:`trials_still_needed`)."""
+
+    def __init__(self, max_trials: int, wait_seconds: float = 0.0, poll_seconds: float = 1.0) -> None:
+        self.max_trials = max_trials
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not trials_still_needed(study, self.max_trials, self.wait_seconds, self.poll_seconds):
+            study.stop()
 
 
 def create_or_load_study(
@@ -282,12 +397,67 @@ def best_feasible_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(feasible, key=lambda t: float(t.user_attrs.get("eval_return", float("-inf"))))
 
 
+# --------------------------------------------------------------------- a trial, back into training
+#: entries that rl-zoo3 evaluates as Python expressions when a hyperparameter file gives them as strings
+EXPRESSION_KEYS = ("policy_kwargs", "replay_buffer_class", "replay_buffer_kwargs")
+_NN_NAME = re.compile(r"^nn\.[A-Za-z_]\w*$")
+
+
+def python_expression(value: Any) -> str:
+    """``value`` (as stored in a trial's ``hyperparams``) as the Python expression rl-zoo3 evaluates.
+
+    Dicts become ``dict(key=...)`` calls, and a ``"nn.ReLU"`` string the name ``nn.ReLU`` itself
+    (rl-zoo3 evaluates with ``torch.nn`` in scope as ``nn``).
+    """
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and key.isidentifier() for key in value):
+            return "dict(" + ", ".join(f"{key}={python_expression(item)}" for key, item in value.items()) + ")"
+        return "{" + ", ".join(f"{key!r}: {python_expression(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(python_expression(item) for item in value) + "]"
+    if isinstance(value, str) and _NN_NAME.match(value):
+        return value
+    return repr(value)
+
+
+def hyperparams_entry(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``hyperparams`` user attribute as hyperparameter-file values (YAML-ready).
+
+    ``policy_kwargs`` and the other :data:`EXPRESSION_KEYS` become the expression strings that
+    the shipped files use (``"dict(net_arch=[64, 64], activation_fn=nn.ReLU)"``); the rest stays
+    as it is. Merge the result into the env's entry of a file given with ``--conf-file``.
+    """
+    return {
+        key: python_expression(value) if key in EXPRESSION_KEYS and not isinstance(value, str) else value
+        for key, value in hyperparams.items()
+    }
+
+
+def zoo_params(hyperparams: dict[str, Any]) -> list[str]:
+    """A trial's ``hyperparams`` user attribute as ``zoo train -params`` arguments (one ``key:value`` each).
+
+    rl-zoo3 evaluates every value as Python, so each is written as an expression.
+    """
+    return [f"{key}:{python_expression(value)}" for key, value in hyperparams.items()]
+
+
 __all__ = [
+    "COUNTED_STATES",
+    "EXPRESSION_KEYS",
     "TRIAL_ATTRS",
     "ConstraintSpec",
     "SafeTrialEvalCallback",
+    "TotalTrialsCallback",
     "best_feasible_trial",
     "create_or_load_study",
+    "fail_stale_trials",
+    "heartbeat_settings",
+    "hyperparams_entry",
     "open_storage",
+    "python_expression",
+    "retry_stale_callback",
+    "shown_url",
     "storage_url",
+    "trials_still_needed",
+    "zoo_params",
 ]
