@@ -14,6 +14,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 #: progress_remaining values at which a learning-rate schedule is probed (SB3 runs it from 1 to 0)
 SCHEDULE_PROBES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
@@ -90,3 +92,30 @@ def check_lagrangian(owner: str, model: Any) -> None:
         check_float(
             owner, "max_lagrange", model.max_lagrange, model.initial_lagrange, hint="or None for no upper bound"
         )
+
+
+def check_finite_observation(obs: Any, obs_shape: tuple[int, ...], owner: str, where: str, opt_out: str) -> None:
+    """Refuse an observation (or a batch of them) with NaN or inf entries: the policy would turn it
+    into a NaN action that reaches the env, or a NaN in the replay buffer.
+
+    :param obs: one observation of shape ``obs_shape`` or a batch ``(n, *obs_shape)``.
+    :param where: where it came from, for the message (e.g. ``" at env step 5"``).
+    :param opt_out: how to switch the check off, for the message.
+    """
+    values = np.asarray(obs)
+    if values.dtype.kind not in "fc":  # integers and bools are always finite
+        return
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    size = int(np.prod(obs_shape)) if obs_shape else 1
+    rows = (~finite).reshape(-1, size)
+    row = int(np.flatnonzero(rows.any(axis=1))[0])
+    components = np.flatnonzero(rows[row])
+    shown = values.reshape(-1, size)[row, components[:5]].tolist()
+    index = f" from env index {row}" if values.ndim > len(obs_shape) else ""
+    raise ValueError(
+        f"{owner}: non-finite observation{where}{index}: component(s) {components[:5].tolist()} "
+        f"(flattened) are {shown}; the policy would turn them into a NaN action. Check the environment "
+        f"(or its observation wrapper), or {opt_out} to let such observations through."
+    )

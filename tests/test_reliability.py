@@ -290,3 +290,50 @@ def test_nan_costs_and_flags_never_count_as_safe() -> None:
     # a real evaluation still works, and its violation rate is a number
     result = evaluate_safe_policy(model, CostLine(cost=1.0), n_eval_episodes=2, cost_limit=5.0)
     assert result.violation_rate == 1.0 and result.mean_cost == 20.0
+
+
+# ----------------------------------------------------------------- item 7: observations
+@pytest.mark.parametrize("bad_obs", [NAN, INF, -INF])
+@pytest.mark.parametrize("at", [0, 3])  # the reset observation, and one returned by step()
+def test_non_finite_observations_stop_collection(bad_obs: float, at: int) -> None:
+    env = make_vec_env(lambda: CostLine(bad_obs_at=at, bad_obs=bad_obs), n_envs=2)
+    model = _offtrc(env)
+    with pytest.raises(ValueError, match=r"non-finite observation.*env step.*env index 0.*check_observations=False"):
+        model.learn(20)
+    assert model.replay_buffer.pos <= at  # nothing non-finite was stored
+    assert np.isfinite(model.replay_buffer.observations).all()
+
+
+def test_non_finite_terminal_observation_is_refused() -> None:
+    model = _offtrc(CostLine(bad_obs_at=20))  # the last observation of each 20-step episode
+    with pytest.raises(ValueError, match=r"non-finite observation \(the next observation\) at env step 20"):
+        model.learn(40)
+
+
+def test_predict_refuses_non_finite_observations_unless_told_not_to() -> None:
+    model = _offtrc()
+    good = np.array([0.1, 1.0], np.float32)
+    bad = np.array([NAN, 1.0], np.float32)
+    assert np.isfinite(model.predict(good)[0]).all()
+    with pytest.raises(ValueError, match=r"non-finite observation given to predict\(\): component\(s\) \[0\]"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match=r"from env index 1"):
+        model.predict(np.stack([good, bad]))
+    model.check_observations = False
+    assert np.isnan(model.predict(bad, deterministic=True)[0]).all()
+    with pytest.raises(TypeError, match="check_observations"):
+        _offtrc(check_observations="yes")
+
+
+# ----------------------------------------------------------------- item 10: Dict observations
+class DictCostLine(CostLine):
+    observation_space = spaces.Dict({"x": spaces.Box(-10.0, 10.0, (2,), np.float32)})  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("policy", ["MlpPolicy", "MultiInputPolicy"])
+def test_dict_observations_say_what_offtrc_supports(policy: str) -> None:
+    with pytest.raises(ValueError, match=r"Box observation spaces only.*FlattenObservation") as caught:
+        OffTRC(policy, DictCostLine())
+    assert "Dict(" in str(caught.value) and "You must use" not in str(caught.value)
+    with pytest.raises(ValueError, match="use 'MlpPolicy'"):
+        OffTRC("MultiInputPolicy", CostLine())

@@ -40,7 +40,7 @@ from sb3_offtrc.core import (
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
-from sb3_offtrc.validation import check_float, check_int, check_schedule
+from sb3_offtrc.validation import check_finite_observation, check_float, check_int, check_schedule
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 
@@ -86,6 +86,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         search always use the whole batch.
     :param max_grad_norm: Gradient-norm clip of each critic step
     :param cost_key: Key of the per-step cost in the env's ``info``
+    :param check_observations: Refuse observations with NaN or inf entries, with an error naming the
+        env copy and the components, during collection and in ``predict`` (``False``: let them through;
+        the policy then acts, and stores, NaN)
     :param learning_starts: Steps to collect before the first update. Unlike SAC, OffTRC always acts
         with its Gaussian policy (uniform warm-up actions have no behaviour density to record).
     :param replay_buffer_kwargs: Keyword arguments of the ``CostReplayBuffer``
@@ -129,6 +132,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         fisher_fraction: float = 1.0,
         max_grad_norm: float = 1.0,
         cost_key: str = "cost",
+        check_observations: bool = True,
         learning_starts: int = 0,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -139,28 +143,35 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        super().__init__(
-            policy,
-            resolve_env_string(env),
-            learning_rate,
-            buffer_size=buffer_size,
-            learning_starts=learning_starts,
-            batch_size=n_batch,
-            gamma=gamma,
-            train_freq=1,  # replaced below once n_envs is known
-            gradient_steps=1,
-            replay_buffer_class=CostReplayBuffer,
-            replay_buffer_kwargs=replay_buffer_kwargs,
-            policy_kwargs=policy_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            verbose=verbose,
-            device=device,
-            support_multi_env=True,
-            seed=seed,
-            sde_support=False,
-            supported_action_spaces=None,  # checked below with a clearer message
-        )
+        try:
+            super().__init__(
+                policy,
+                resolve_env_string(env),
+                learning_rate,
+                buffer_size=buffer_size,
+                learning_starts=learning_starts,
+                batch_size=n_batch,
+                gamma=gamma,
+                train_freq=1,  # replaced below once n_envs is known
+                gradient_steps=1,
+                replay_buffer_class=CostReplayBuffer,
+                replay_buffer_kwargs=replay_buffer_kwargs,
+                policy_kwargs=policy_kwargs,
+                stats_window_size=stats_window_size,
+                tensorboard_log=tensorboard_log,
+                verbose=verbose,
+                device=device,
+                support_multi_env=True,
+                seed=seed,
+                sde_support=False,
+                supported_action_spaces=None,  # checked below with a clearer message
+            )
+        except ValueError as exc:
+            # SB3's "use MultiInputPolicy" hint (or "Policy MultiInputPolicy unknown"): OffTRC has none
+            if "MultiInputPolicy" in str(exc):
+                space = getattr(self, "observation_space", None) or getattr(env, "observation_space", None)
+                raise _observation_space_error(space) from None
+            raise
         # OffTRC.load() builds the model without an env: the spaces then come from the saved data.
         if getattr(self, "action_space", None) is not None and not isinstance(self.action_space, spaces.Box):
             raise ValueError(
@@ -168,8 +179,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 "Gaussian whose density must be recorded for every transition; for discrete actions use "
                 "e.g. PPO/PPOLagrangian, or wrap the env with a continuous parametrisation of the actions."
             )
-        if isinstance(getattr(self, "observation_space", None), spaces.Dict):
-            raise ValueError("OffTRC supports Box observations; flatten Dict observations with FlattenObservation")
+        if isinstance(getattr(self, "observation_space", None), spaces.Dict | spaces.Tuple):
+            raise _observation_space_error(self.observation_space)
         self.n_steps = n_steps  # OffPolicyAlgorithm's n-step returns are not used (n_steps=1 there)
         self.n_recent = n_recent
         self.n_batch = n_batch
@@ -187,6 +198,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.fisher_fraction = fisher_fraction
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
+        self.check_observations = check_observations
         self._check_hyperparameters()
         self._cost_tracker = EpisodeCostTracker(getattr(self, "n_envs", 1), stats_window_size)
         self._behaviour: tuple[np.ndarray, np.ndarray] | None = None
@@ -233,6 +245,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
         if not isinstance(self.adaptive_trust_region, bool):
             raise TypeError(f"OffTRC: adaptive_trust_region must be True or False, got {self.adaptive_trust_region!r}")
+        if not isinstance(self.check_observations, bool):
+            raise TypeError(f"OffTRC: check_observations must be True or False, got {self.check_observations!r}")
         if not isinstance(self.cost_key, str) or not self.cost_key:
             raise TypeError(f"OffTRC: cost_key must be the non-empty info key of the step cost, got {self.cost_key!r}")
 
@@ -345,6 +359,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # the targets need the unclipped sample and the behaviour mean/std (SB3_NOTES.md).
         assert self._last_obs is not None, "self._last_obs was not set"
         assert isinstance(self._last_obs, np.ndarray)  # Dict observation spaces are refused in __init__
+        if self.check_observations:
+            self._check_observation(self._last_obs, f" at env step {self.num_timesteps}")
         if self._rollout_actor is not None and self._rollout_rng is not None:
             mean_np, std_np = self._rollout_actor(self._last_obs)
             sample_np = mean_np + std_np * self._rollout_rng.standard_normal(mean_np.shape, dtype=np.float32)
@@ -358,6 +374,21 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self._behaviour = (mean_np.reshape(n_envs, -1), std_np.reshape(n_envs, -1))
         env_action = self.policy.unscale_action(np.clip(sample_np, -1.0, 1.0))
         return env_action, sample_np
+
+    def _check_observation(self, obs: Any, where: str) -> None:
+        shape = self.observation_space.shape or ()
+        check_finite_observation(obs, shape, "OffTRC", where, "pass check_observations=False to OffTRC")
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        if self.check_observations and not isinstance(observation, dict):
+            self._check_observation(observation, " given to predict()")
+        return super().predict(observation, state, episode_start, deterministic)
 
     def _check_finite(self, name: str, values: np.ndarray) -> None:
         if np.isfinite(values).all():
@@ -397,6 +428,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 next_obs[i] = terminal
                 if self._vec_normalize_env is not None:
                     next_obs[i] = self._vec_normalize_env.unnormalize_obs(next_obs[i, :])
+        if self.check_observations:
+            self._check_observation(next_obs, f" (the next observation) at env step {self.num_timesteps}")
 
         replay_buffer.add(
             self._last_original_obs,  # type: ignore[arg-type]
@@ -760,6 +793,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"], []
+
+
+def _observation_space_error(space: spaces.Space | None) -> ValueError:
+    if isinstance(space, spaces.Box):  # only the policy name was wrong
+        return ValueError(f"OffTRC has no MultiInputPolicy; use 'MlpPolicy' for its observation space {space}")
+    return ValueError(
+        f"OffTRC supports Box observation spaces only (its actor and critics are MLPs on one flat "
+        f"vector; there is no MultiInputPolicy), got {space if space is not None else 'a Dict space'}. "
+        "Flatten the observation, e.g. gymnasium.wrappers.FlattenObservation(env) (for a goal-conditioned "
+        "env, after choosing the keys with gymnasium.wrappers.FilterObservation)."
+    )
 
 
 def objective_must_not_drop(case: StepCase, margin: float) -> bool:
