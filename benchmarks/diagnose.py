@@ -48,7 +48,9 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
 
     row["radius/max_kl"] = median("train/trust_region") / max_kl
     row["kl"] = median("train/kl")
-    row["kl_sum"] = float(updates["train/kl"].sum())
+    # the logger is dumped at episode ends, so with several env copies not every update has a row:
+    # the summed KL is the mean over the logged updates times the number of updates
+    row["kl_sum"] = float(updates["train/kl"].mean() * updates["train/n_updates"].max())
     row["gain"] = median("train/objective")
     row["mean_shift"] = median("diag/mean_shift")
     row["cvar"] = median("train/cvar")
