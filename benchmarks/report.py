@@ -414,7 +414,50 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        written.append(plot_wall_clock(env_runs, out / f"{name}_wallclock.png", f"{env_id}, {budget:,} env steps"))
     return written
+
+
+def _wall_series(run: Run, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """An evaluation column against the run's training seconds (its own evaluations' time left out)."""
+    curve = run.curve
+    seconds = pd.to_numeric(curve["train_time"] if "train_time" in curve else curve["wall_time"])
+    return seconds.to_numpy(dtype=float), pd.to_numeric(curve[column]).to_numpy(dtype=float)
+
+
+def plot_wall_clock(runs: list[Run], path: Path, title: str) -> Path:
+    """Eval return and episode cost against training wall-clock seconds, mean ± std over seeds.
+
+    Seconds are those of the run's own process on this machine (one core each, evaluation time
+    left out), so algorithms of different speed compare by the time a user waits.
+    """
+    import matplotlib.pyplot as plt
+
+    limit = runs[0].summary.get("episode_cost_limit")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for algo in sorted({r.algo for r in runs}, key=_algo_key):
+        group = [r for r in runs if r.algo == algo]
+        for ax, column in zip(axes, ("eval_return", "eval_cost"), strict=True):
+            series = [_wall_series(r, column) for r in group]
+            top = max((x[-1] for x, _ in series if x.size), default=0.0)
+            grid = np.linspace(0.0, top, 100)
+            mean, std = _aggregate(series, grid)
+            (line,) = ax.plot(grid, mean, label=f"{LABELS.get(algo, algo)} (n={len(group)})")
+            ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes[0].set_title("eval return (deterministic)", fontsize=10)
+    axes[1].set_title("eval episode cost", fontsize=10)
+    if limit is not None:
+        axes[1].axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
+    for ax in axes:
+        ax.set_xlabel("training wall-clock seconds (one core)")
+        ax.set_xscale("symlog", linthresh=60.0)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{title}: against wall-clock time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def update_doc(doc: Path, name: str, body: str) -> None:
