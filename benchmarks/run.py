@@ -280,6 +280,20 @@ LEARN_VARIANTS: dict[str, dict[str, Any]] = {
         "adaptive_trust_region": False,
         "env": {"n_envs": 5, "cost": "smooth", "observation": "paper"},
     },
+    # ... with the cost gradient shrunk to the share two halves of the batch agree on
+    "kl0.01_fixed_n5_smooth_norm_shrink": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
+    "kl0.01_fixed_shrink": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+    },
     # ... with the larger radius
     "kl0.03_fixed_n5_smooth_norm": {
         **_LEARN_BASE,

@@ -84,6 +84,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         the Fisher-vector products of the conjugate gradient are computed. ``1.0`` (default) is
         the paper; the original TRPO implementation used 0.1. Gradients, surrogates and the line
         search always use the whole batch.
+    :param cost_gradient_shrinkage: Shrink the CVaR gradient ``b`` towards zero by the share of it
+        that two halves of the batch agree on, ``clip(b1' H^-1 b2 / b' H^-1 b, 0.01, 1)`` (a deviation
+        from the paper; docs/diagnosis.md). With a noisy ``b`` the linearised constraint otherwise
+        promises cost reductions that the step does not deliver. ``False`` (default) is the paper.
     :param max_grad_norm: Gradient-norm clip of each critic step
     :param cost_key: Key of the per-step cost in the env's ``info``
     :param check_observations: Refuse observations with NaN or inf entries, with an error naming the
@@ -130,6 +134,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         n_critic_epochs: int = 100,
         critic_batch_size: int | None = None,
         fisher_fraction: float = 1.0,
+        cost_gradient_shrinkage: bool = False,
         max_grad_norm: float = 1.0,
         cost_key: str = "cost",
         check_observations: bool = True,
@@ -196,6 +201,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.n_critic_epochs = n_critic_epochs
         self.critic_batch_size = critic_batch_size
         self.fisher_fraction = fisher_fraction
+        self.cost_gradient_shrinkage = cost_gradient_shrinkage
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
         self.check_observations = check_observations
@@ -579,13 +585,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         margin = cvar_k - limit  # c (§3.7)
         g = flat_grad(objective, params, retain_graph=True)
         b = flat_grad(cvar, params, retain_graph=True)
-        self._log_split_half_cosines(params, ratio, targets, rho, constants)
+        halves = self._split_half_gradients(params, ratio, targets, rho, constants)
         # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
         fisher_mean, fisher_std = self._fisher_outputs(obs, mean, std)
         hessian_vector_product = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, self.damping)
 
         hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
         hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
+        if self.cost_gradient_shrinkage and halves is not None:
+            shrink = self._cost_gradient_shrink(b, hinv_b, *halves["cvar"], hessian_vector_product)
+            b, hinv_b = shrink * b, shrink * hinv_b
+            self.logger.record("diag/cost_gradient_shrink", shrink)
         q, r, s = float(th.dot(g, hinv_g)), float(th.dot(g, hinv_b)), float(th.dot(b, hinv_b))
         solution = solve_constrained_step(q, r, s, margin, eps, float(th.dot(b, b)))
 
@@ -633,24 +643,48 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.logger.record("train/line_search_failed", int(ls_failed))
         self.logger.record("train/entropy", entropy)
 
-    def _log_split_half_cosines(
+    #: smallest factor of the cost-gradient shrinkage (no reproducible share at all)
+    min_cost_gradient_shrink: ClassVar[float] = 0.01
+
+    def _cost_gradient_shrink(
+        self,
+        b: th.Tensor,
+        hinv_b: th.Tensor,
+        b_first: th.Tensor,
+        b_second: th.Tensor,
+        hessian_vector_product: Any,
+    ) -> float:
+        """The share of ``b' H^-1 b`` that the two half-batch gradients agree on, clipped to [0.01, 1].
+
+        With ``b_i = t + n_i`` (signal plus independent noise of the halves), ``b1' H^-1 b2`` estimates
+        ``t' H^-1 t`` without the noise, while ``b' H^-1 b`` carries half of it; their ratio is the
+        factor that shrinks ``b`` to its best linear estimate of ``t``.
+        """
+        total = float(th.dot(b, hinv_b))
+        hinv_second = conjugate_gradient_solver(hessian_vector_product, b_second, max_iter=self.cg_max_steps)
+        agreed = float(th.dot(b_first, hinv_second))
+        if not (math.isfinite(total) and math.isfinite(agreed)) or total <= 0.0:
+            return 1.0  # nothing to correct; the solver handles a degenerate b
+        return min(1.0, max(self.min_cost_gradient_shrink, agreed / total))
+
+    def _split_half_gradients(
         self,
         params: list[th.nn.Parameter],
         ratio: th.Tensor,
         targets: Any,
         rho: th.Tensor,
         constants: SurrogateConstants,
-    ) -> None:
-        """Cosine between the reward (and the CVaR) gradients of two halves of the batch.
+    ) -> dict[str, list[th.Tensor]] | None:
+        """The reward and CVaR gradients of two halves of the batch, and their cosines (logged).
 
         The halves are alternating blocks of 100 consecutive rows (neighbouring steps are strongly
-        correlated, so alternate rows would look alike for no good reason). Near 1: the gradient is
-        signal; near 0: the step follows noise.
+        correlated, so alternate rows would look alike for no good reason). Cosine near 1: the
+        gradient is signal; near 0: the step follows noise.
         """
         n = ratio.shape[0]
         block = (th.arange(n, device=ratio.device) // 100) % 2 == 0
         if int(block.sum()) < 2 or int((~block).sum()) < 2:
-            return
+            return None
         grads: dict[str, list[th.Tensor]] = {"reward": [], "cvar": []}
         for half in (block, ~block):
             objective = reward_surrogate(ratio[half], targets.reward_advantage[half], rho[half])
@@ -662,6 +696,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         for name, (first, second) in grads.items():
             cosine = th.nn.functional.cosine_similarity(first, second, dim=0)
             self.logger.record(f"diag/{name}_grad_split_cos", float(cosine))
+        return grads
 
     def _fisher_outputs(self, obs: th.Tensor, mean: th.Tensor, std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """The policy outputs (with graph) on which the Fisher-vector products are computed."""
