@@ -806,3 +806,29 @@ def test_line_search_checks_the_objective_only_where_the_policy_is_feasible() ->
     assert not objective_must_not_drop(StepCase.CONSTRAINED, 0.0)  # infeasible: the CVaR comes first
     assert not objective_must_not_drop(StepCase.CONSTRAINED, 0.3)
     assert not objective_must_not_drop(StepCase.RECOVERY, 0.3)
+
+
+def test_cost_gradient_shrink_is_the_share_the_halves_agree_on() -> None:
+    model = _model(cost_gradient_shrinkage=True)
+    identity = lambda v: v  # noqa: E731  (H = I: the products are plain dot products)
+    gen = th.Generator().manual_seed(0)
+    signal = th.randn(50_000, generator=gen)
+    noise_1, noise_2 = th.randn(50_000, generator=gen) * 2.0, th.randn(50_000, generator=gen) * 2.0
+    b1, b2 = signal + noise_1, signal + noise_2
+    b = 0.5 * (b1 + b2)
+    shrink = model._cost_gradient_shrink(b, b.clone(), b1, b2, identity)
+    # |t|^2 / (|t|^2 + |n|^2 / 2) with |n|^2 = 4 |t|^2 per half: 1 / 3
+    assert shrink == pytest.approx(1.0 / 3.0, abs=0.05)
+    same = model._cost_gradient_shrink(signal, signal.clone(), signal, signal, identity)
+    assert same == pytest.approx(1.0)
+    opposed = model._cost_gradient_shrink(noise_1, noise_1.clone(), noise_1, -noise_1, identity)
+    assert opposed == model.min_cost_gradient_shrink  # halves disagree: no reproducible share
+
+
+def test_cost_gradient_shrinkage_changes_the_step_only_when_asked() -> None:
+    plain, shrunk = _model(), _model(cost_gradient_shrinkage=True)
+    plain.learn(400)
+    shrunk.learn(400)
+    assert "diag/cost_gradient_shrink" not in plain.logger.name_to_value
+    value = shrunk.logger.name_to_value["diag/cost_gradient_shrink"]
+    assert shrunk.min_cost_gradient_shrink <= value <= 1.0
