@@ -292,6 +292,7 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
         ("train_log", "FULL"),
         ("quick", "QUICK"),
         ("quick_40k", "QUICK"),
+        ("learn", "LEARN"),
     ],
 )
 def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:
