@@ -106,6 +106,16 @@ def summarise(results: Path, env: str | None) -> pd.DataFrame:
     return grouped
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """The summary as a markdown table, one column per (env, algorithm), numbers to 3 digits."""
+    columns = [algo for _env, algo in table.index]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in table.columns:
+        cells = [f"{float(v):.3g}" if isinstance(v, (int, float, np.floating, np.integer)) else str(v) for v in table[name]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, required=True, help="a run.py results directory")
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.3g}".format):
         print(table.T.to_string())
     if args.out:
-        args.out.write_text(table.T.to_markdown(floatfmt=".3g") + "\n")
+        args.out.write_text(markdown(table) + "\n")
     return 0
 
 

@@ -501,3 +501,14 @@ def test_speed_times_updates_on_the_gpu_when_present() -> None:
     (row,) = speed.batch_scaling("HazardPoint-v0", params, sizes=(400,), max_repeats=2, device="cuda")
     assert row["update_gflop"] > 0 and all(t > 0 for t in row["update_s_all"])
     assert speed.gemm_rate(size=256, repeats=2, device="cuda") > 0
+
+
+def test_diagnose_summarises_the_committed_learning_runs() -> None:
+    diagnose = _load("diagnose")
+    table = diagnose.summarise(BENCH / "results" / "learn", "SafetyPointGoal1-v0")
+    assert len(table) >= 2 and (table["seeds"] >= 3).all()
+    shares = table[["feasible", "constrained", "recovery", "skipped"]].sum(axis=1)
+    np.testing.assert_allclose(shares.to_numpy(), 1.0)
+    fixed = table.loc[("SafetyPointGoal1-v0", "kl0.01_fixed")]
+    assert fixed["radius/max_kl"] == pytest.approx(1.0)  # a fixed radius is max_kl itself
+    assert "| kl_sum |" in diagnose.markdown(table)
