@@ -60,7 +60,8 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
         )
         row["var_share"] = float(variance_share.median())
     row["J_hat"] = float(updates["train/cost_mean"].mean())
-    row["J_mc"] = float(updates["diag/mc_cost_return_mean"].mean()) if "diag/mc_cost_return_mean" in updates else math.nan
+    mc_mean = "diag/mc_cost_return_mean"
+    row["J_mc"] = float(updates[mc_mean].mean()) if mc_mean in updates else math.nan
     row["sd_hat"] = median("train/cost_std")
     row["sd_mc"] = median("diag/mc_cost_return_std")
     for name in ("reward", "cost", "cost_std"):
@@ -111,7 +112,8 @@ def markdown(table: pd.DataFrame) -> str:
     columns = [algo for _env, algo in table.index]
     lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in table.columns:
-        cells = [f"{float(v):.3g}" if isinstance(v, (int, float, np.floating, np.integer)) else str(v) for v in table[name]]
+        numeric = (int, float, np.floating, np.integer)
+        cells = [f"{float(v):.3g}" if isinstance(v, numeric) else str(v) for v in table[name]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = summarise(args.results, args.env)
     if table.empty:
-        print(f"no finished run with a progress.csv under {args.results} (train with run.py --train-log)", file=sys.stderr)
+        hint = "train with run.py --train-log"
+        print(f"no finished run with a progress.csv under {args.results} ({hint})", file=sys.stderr)
         return 1
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.3g}".format):
         print(table.T.to_string())

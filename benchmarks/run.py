@@ -759,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    preset = FULL if args.full else PRESET_CHECK if args.preset_check else LEARN if args.learn else LEARN_1M if args.learn_1m else QUICK
+    presets = {"full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN, "learn_1m": LEARN_1M}
+    preset = next((grid for flag, grid in presets.items() if getattr(args, flag)), QUICK)
     out = args.out or RESULTS_DIR / preset.name
     unknown = sorted(set(args.algos or []) - set(preset.algos()))
     if unknown:
