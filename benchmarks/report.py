@@ -60,6 +60,15 @@ LABELS = {
     "offtrc_cpu_pi512": "5-pass preset, 2 x 512 actor",
     "offtrc_cpu_vf512": "5-pass preset, 2 x 512 critics",
     "offtrc_cpu_nets512": "5-pass preset, 2 x 512 actor and critics",
+    # the learning study (run.py LEARN_VARIANTS): the cpu preset with one lever changed at a time
+    "kl0.01_fixed": "OffTRC, max_kl 0.01 fixed",
+    "kl0.03_fixed": "OffTRC, max_kl 0.03 fixed",
+    "kl0.01_adaptive": "OffTRC, max_kl 0.01 adaptive",
+    "kl0.01_fixed_shrink": "OffTRC, max_kl 0.01 fixed, shrunk cost gradient",
+    "kl0.01_fixed_n5": "OffTRC, max_kl 0.01 fixed, 5 envs",
+    "kl0.01_fixed_n5_smooth_norm": "OffTRC, 0.01 fixed, 5 envs, smooth cost, VecNormalize",
+    "kl0.01_fixed_n5_smooth_paperobs": "OffTRC, 0.01 fixed, 5 envs, smooth cost, paper obs",
+    "kl0.01_fixed_n5_smooth_norm_shrink": "OffTRC, 0.01 fixed, 5 envs, smooth cost, VecNormalize, shrunk",
     # results/code_check: the 5-pass preset's settings as named by the code of commit 75b390a
     "offtrc_cpu_fisher1": "5-pass preset's settings, code of 75b390a",
 }
@@ -381,7 +390,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             (axes[0, 0], "eval_return", "eval return (deterministic)", _eval_series),
             (axes[0, 1], "eval_cost", "eval episode cost", _eval_series),
             (axes[1, 0], "return", "training episode return (10-episode mean)", _train_series),
-            (axes[1, 1], "cost", "training episode cost (10-episode mean)", _train_series),
+            # violations (the 0/1 cost), not the training cost: an arm may train on the smooth cost
+            (axes[1, 1], "cv", "training episode violations (10-episode mean)", _train_series),
         ]
         for algo in sorted({r.algo for r in env_runs}, key=_algo_key):
             group = [r for r in env_runs if r.algo == algo]
@@ -403,7 +413,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         for ax, column, title, _ in panels:
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
-            if column.endswith("cost") and limit is not None:
+            if column in ("eval_cost", "cv") and limit is not None:
                 ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"cost limit {limit:g}")
         for ax in axes[1]:
             ax.set_xlabel("env steps")
@@ -434,7 +444,7 @@ def plot_wall_clock(runs: list[Run], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     limit = runs[0].summary.get("episode_cost_limit")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for algo in sorted({r.algo for r in runs}, key=_algo_key):
         group = [r for r in runs if r.algo == algo]
         for ax, column in zip(axes, ("eval_return", "eval_cost"), strict=True):
@@ -451,10 +461,12 @@ def plot_wall_clock(runs: list[Run], path: Path, title: str) -> Path:
     for ax in axes:
         ax.set_xlabel("training wall-clock seconds (one core)")
         ax.set_xscale("symlog", linthresh=60.0)
+        ax.set_xlim(left=0.0)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle(f"{title}: against wall-clock time")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1.0, 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -482,16 +494,35 @@ def main(argv: list[str] | None = None) -> int:
         help="also paste the table and figures into this markdown file, between "
         "<!-- BEGIN report:NAME --> and <!-- END report:NAME --> (NAME = the results directory's name)",
     )
+    parser.add_argument(
+        "--also",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="more results directories whose runs join the report (e.g. baselines run in another grid)",
+    )
+    parser.add_argument("--algos", nargs="+", default=None, help="only these algorithms")
+    parser.add_argument("--envs", nargs="+", default=None, help="only these env ids")
+    parser.add_argument("--budgets", nargs="+", type=int, default=None, help="only runs of these budgets")
     args = parser.parse_args(argv)
-    runs = load_runs(args.results)
+    runs = [run for results in [args.results, *args.also] for run in load_runs(results)]
+    runs = [
+        run
+        for run in runs
+        if (args.algos is None or run.algo in args.algos)
+        and (args.envs is None or run.env_id in args.envs)
+        and (args.budgets is None or run.budget in args.budgets)
+    ]
     if not runs:
         print(f"no finished runs under {args.results}", file=sys.stderr)
         return 1
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, out)
-    command_file = args.results / "command.txt"
-    commands = command_file.read_text().splitlines() if command_file.exists() else []
+    commands = []
+    for results in [args.results, *args.also]:
+        command_file = results / "command.txt"
+        commands += command_file.read_text().splitlines() if command_file.exists() else []
     provenance = ""
     if commands:
         report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
