@@ -366,6 +366,8 @@ def _eval_series(run: Run, column: str) -> tuple[np.ndarray, np.ndarray]:
 def _train_series(run: Run, column: str, window: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Training episodes, smoothed by a running mean over ``window`` episodes."""
     ep = run.episodes
+    if column == "cv" and "cv" not in ep:
+        column = "cost"  # records from before violations were logged: there the cost is the 0/1 cost
     y = pd.to_numeric(ep[column]).rolling(window, min_periods=1).mean()
     return ep["env_steps"].to_numpy(dtype=float), y.to_numpy(dtype=float)
 

@@ -146,7 +146,14 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
 
     def run(algo: str, seed: int, budget: int, final_return: float) -> object:
         steps = np.linspace(0, budget, 3)
-        curve = pd.DataFrame({"env_steps": steps, "eval_return": [0.0, 1.0, final_return], "eval_cost": [50.0, 30, 10]})
+        curve = pd.DataFrame(
+            {
+                "env_steps": steps,
+                "train_time": steps / 10,
+                "eval_return": [0.0, 1.0, final_return],
+                "eval_cost": [50.0, 30, 10],
+            }
+        )
         episodes = pd.DataFrame({"env_steps": steps, "return": [0.0, 1, 2], "cost": [40.0, 20, 5]})
         summary = {
             "algo": algo, "env_id": "E-v0", "seed": seed, "budget": budget, "env_steps": budget,
@@ -161,7 +168,12 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     assert len(rows) == 2
     assert "| 2 | 1,000 | 3.00 ± 1.00 |" in rows[0] and "| 1 | 5,000 | 100.00 |" in rows[1]
     names = sorted(path.name for path in report.plot(runs, tmp_path))
-    assert names == ["curves_E-v0.png", "curves_E-v0_5k.png"]
+    assert names == [
+        "curves_E-v0.png",
+        "curves_E-v0_5k.png",
+        "curves_E-v0_5k_wallclock.png",
+        "curves_E-v0_wallclock.png",
+    ]
 
 
 @pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
