@@ -42,29 +42,37 @@ OFF_POLICY = ("offtrc", "sac", "sac_lag")
 CONFIG_FILE = "config.json"
 
 
+class CliError(SystemExit):
+    """A usage error: :func:`main` prints it as one ``error:`` line on stderr and returns 2 (no traceback).
+
+    A ``SystemExit`` so that code calling the helpers below outside ``main`` still stops with the message.
+    """
+
+
 def algo_class(name: str) -> type[BaseAlgorithm]:
     """Import an algorithm class lazily (OffTRC and the baselines may not be installed/written)."""
     import importlib
 
     if name not in ALGOS:
-        raise SystemExit(f"unknown --algo {name!r}; choose from {', '.join(ALGOS)}")
+        raise CliError(f"unknown --algo {name!r}; choose from {', '.join(ALGOS)}")
     module, cls, _ = ALGOS[name]
     try:
         return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--algo {name}: cannot import {module}.{cls} ({exc})") from exc
+        raise CliError(f"--algo {name}: cannot import {module}.{cls} ({exc})") from exc
 
 
-def parse_hyperparams(items: Sequence[str]) -> dict[str, Any]:
+def parse_hyperparams(items: Sequence[str], flag: str = "--hyperparams") -> dict[str, Any]:
     """``["gamma=0.98", "policy_kwargs={'net_arch': [64, 64]}", "device=cpu"]`` -> dict.
 
-    Values are Python literals when they parse as one, strings otherwise.
+    Values are Python literals when they parse as one, strings otherwise. ``flag`` names the option
+    in the error message.
     """
     params: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--hyperparams expects key=value, got {item!r}")
+        if not sep or not key.strip():
+            raise CliError(f"{flag} expects KEY=VALUE items, got {item!r}")
         try:
             params[key.strip()] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -132,7 +140,7 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
 def _env_kwargs(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     """``--env-kwargs`` when given, else the ones the run was trained with."""
     if args.env_kwargs is not None:
-        return parse_hyperparams(args.env_kwargs)
+        return parse_hyperparams(args.env_kwargs, "--env-kwargs")
     return dict(config.get("env_kwargs") or {})
 
 
@@ -159,14 +167,52 @@ def _load_config(path: str) -> dict[str, Any]:
     return {}
 
 
-def _model_path(path: str) -> str:
+def _model_path(path: str, flag: str = "model") -> str:
     """A model file, or ``model.zip`` of a run directory (pass ``best_model/best_model.zip`` explicitly)."""
     if os.path.isdir(path):
         candidate = os.path.join(path, "model.zip")
         if not os.path.isfile(candidate):
-            raise SystemExit(f"no model.zip in {path}")
+            raise CliError(f"{flag} {path}: no model.zip in that directory")
         return candidate
+    if not os.path.isfile(path):
+        # SB3's load() would append ".zip" and report the wrong name
+        raise CliError(f"{flag} {path}: no such model file or run directory")
     return path
+
+
+def _load_algo(cls: type[BaseAlgorithm], path: str, flag: str, **kwargs: Any) -> BaseAlgorithm:
+    """``cls.load(path, **kwargs)``, with a truncated, corrupt or foreign file reported as a CliError naming it."""
+    import pickle
+    import zipfile
+
+    try:
+        return cls.load(path, **kwargs)
+    except (zipfile.BadZipFile, EOFError, KeyError, AssertionError, pickle.UnpicklingError, RuntimeError) as exc:
+        raise CliError(
+            f"{flag} {path}: cannot load it as a {cls.__name__} model ({exc or type(exc).__name__})"
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"{flag} {path}: {exc}") from exc
+
+
+def _check_counts(args: argparse.Namespace, positive: Sequence[str], non_negative: Sequence[str] = ()) -> None:
+    """Integer options that must be >= 1 (``positive``) or >= 0, named by their flag on error."""
+    for names, minimum in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value < minimum:
+                flag = "--" + name.replace("_", "-")
+                what = "a positive" if minimum == 1 else "a non-negative (0: off)"
+                raise CliError(f"{flag} must be {what} number, got {value}")
+
+
+def _make_dir(path: str, flag: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: cannot create the directory ({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: the directory is not writable")
 
 
 def _replay_buffer_for(model_path: str) -> str | None:
@@ -187,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sb3_offtrc.common.monitor import CostLoggerCallback
     from sb3_offtrc.envs import resolve_env_id
 
+    _check_counts(args, ("timesteps", "n_envs", "eval_episodes"), ("checkpoint_freq", "eval_freq"))
     try:
         env_id = resolve_env_id(args.env, args.cost)
     except ValueError as exc:
@@ -195,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cls = algo_class(args.algo)
     constrained = ALGOS[args.algo][2]
     hyperparams = parse_hyperparams(args.hyperparams or [])
-    env_kwargs = parse_hyperparams(args.env_kwargs or [])
+    env_kwargs = parse_hyperparams(args.env_kwargs or [], "--env-kwargs")
     if args.preset is not None:
         if args.algo != "offtrc":
             print("--preset applies to --algo offtrc only", file=sys.stderr)
@@ -203,8 +250,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from sb3_offtrc import get_preset
 
         hyperparams = {**get_preset(args.preset), **hyperparams}  # explicit overrides win
+    resume = _model_path(args.resume, "--resume") if args.resume else None
     out = args.out
-    os.makedirs(out, exist_ok=True)
+    _make_dir(out, "--out")
     tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
     monitor_dir = os.path.join(out, "monitor")
     try:
@@ -212,18 +260,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ImportError as exc:  # e.g. a Safety-Gymnasium task without the safety stack installed
         print(f"error: cannot build {args.env}: {exc}", file=sys.stderr)
         return 2
+    except TypeError as exc:  # an argument gym.make / the env's constructor does not take
+        raise CliError(f"--env-kwargs: {env_id} does not accept {env_kwargs} ({exc})") from exc
     if constrained:
         if args.cost_limit is not None:
             hyperparams.setdefault("cost_limit", args.cost_limit)
         hyperparams.setdefault("cost_key", args.cost_key)
-    if args.resume:
-        model = cls.load(args.resume, env=venv, tensorboard_log=tb_log, **hyperparams)
-        buffer = _replay_buffer_for(args.resume)
+    if resume:
+        model = _load_algo(cls, resume, "--resume", env=venv, tensorboard_log=tb_log, **hyperparams)
+        buffer = _replay_buffer_for(resume)
         if buffer is not None and hasattr(model, "load_replay_buffer"):
             model.load_replay_buffer(buffer)
             print(f"resumed replay buffer from {buffer}")
     else:
-        model = cls("MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams)
+        try:
+            model = cls("MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams)
+        except (TypeError, ValueError) as exc:
+            venv.close()
+            raise CliError(f"--hyperparams (or --cost-limit / --preset): {cls.__name__}: {exc}") from exc
     cost_limit = getattr(model, "cost_limit", args.cost_limit)
     config = {
         "algo": args.algo,
@@ -302,9 +356,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace, config: dict[str, Any], env: gym.Env) -> BaseAlgorithm:
     algo = args.algo or config.get("algo")
     if algo is None:
-        raise SystemExit("--algo is needed (no config.json next to the model)")
+        raise CliError("--algo is needed (no config.json next to the model)")
     # loading with the env checks that its spaces match the model's
-    return algo_class(algo).load(_model_path(args.model), env=env, device="cpu")
+    return _load_algo(algo_class(algo), _model_path(args.model), "model", env=env, device="cpu")
 
 
 def _eval_env_id(args: argparse.Namespace, config: dict[str, Any]) -> str:
@@ -314,7 +368,7 @@ def _eval_env_id(args: argparse.Namespace, config: dict[str, Any]) -> str:
         return resolve_env_id(args.env, args.cost)
     if "env_id" in config:
         return str(config["env_id"])
-    raise SystemExit("--env is needed (no config.json next to the model)")
+    raise CliError("--env is needed (no config.json next to the model)")
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -333,11 +387,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _make_eval_env(env_id: str, args: argparse.Namespace, config: dict[str, Any], **kwargs: Any) -> gym.Env:
+    env_kwargs = _env_kwargs(args, config)
+    try:
+        return make_env_fn(env_id, 0, None, env_kwargs=env_kwargs, **kwargs)()
+    except TypeError as exc:
+        raise CliError(f"--env-kwargs: {env_id} does not accept {env_kwargs} ({exc})") from exc
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from sb3_offtrc.common.evaluation import evaluate_safe_policy
 
+    _check_counts(args, ("episodes",))
+    _model_path(args.model)  # before building anything: a missing model is the likeliest mistake
     config = _load_config(args.model)
-    env = make_env_fn(_eval_env_id(args, config), 0, None, env_kwargs=_env_kwargs(args, config))()
+    env = _make_eval_env(_eval_env_id(args, config), args, config)
     model = _load_model(args, config, env)
     env.reset(seed=args.seed)
     d = args.cost_limit if args.cost_limit is not None else config.get("cost_limit")
@@ -378,15 +442,22 @@ def cmd_record(args: argparse.Namespace) -> int:
     import imageio.v2 as imageio
     import numpy as np
 
+    _check_counts(args, ("steps", "fps"))
+    if args.model:
+        _model_path(args.model)
     config = _load_config(args.model) if args.model else {}
     if args.env is None and not config:
-        raise SystemExit("--env is needed to record without a trained run")
+        raise CliError("--env is needed to record without a trained run")
     env_id = _eval_env_id(args, config)
     import gymnasium as gym
 
     import sb3_offtrc.envs  # noqa: F401
 
-    env = gym.make(env_id, **{**_env_kwargs(args, config), "render_mode": "rgb_array"})
+    env_kwargs = _env_kwargs(args, config)
+    try:
+        env = gym.make(env_id, **{**env_kwargs, "render_mode": "rgb_array"})
+    except TypeError as exc:
+        raise CliError(f"--env-kwargs: {env_id} does not accept {env_kwargs} ({exc})") from exc
     model = _load_model(args, config, env) if args.model else None
     obs, _ = env.reset(seed=args.seed)
     frames = []
@@ -405,7 +476,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             obs, _ = env.reset()
     env.close()
     if not frames:
-        raise SystemExit(f"{env_id} returned no frames (render_mode='rgb_array' unsupported?)")
+        raise CliError(f"{env_id} returned no frames (render_mode='rgb_array' unsupported?)")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if args.output.lower().endswith(".gif"):
         imageio.mimsave(args.output, frames, duration=1000 / args.fps, loop=0)  # type: ignore[arg-type]
@@ -554,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"sb3-offtrc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
