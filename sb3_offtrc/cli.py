@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gymnasium as gym
     from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import VecEnv
 
 #: algo name -> (module, class name, takes cost_limit / cost_key)
@@ -215,20 +216,71 @@ def _make_dir(path: str, flag: str) -> None:
         raise CliError(f"{flag} {path}: the directory is not writable")
 
 
+REPLAY_BUFFER_FILE = "replay_buffer.npz"
+
+
 def _replay_buffer_for(model_path: str) -> str | None:
+    """The ``.npz`` replay buffer saved with a model (``replay_buffer.npz``, or a checkpoint's own)."""
     folder, name = os.path.split(model_path)
     stem = name[:-4] if name.endswith(".zip") else name
-    candidates = [os.path.join(folder, "replay_buffer.pkl")]
+    candidates = [os.path.join(folder, REPLAY_BUFFER_FILE)]
     if stem.startswith("rl_model_") and stem.endswith("_steps"):
-        candidates.insert(0, os.path.join(folder, stem.replace("rl_model_", "rl_model_replay_buffer_") + ".pkl"))
+        candidates.insert(0, os.path.join(folder, stem.replace("rl_model_", "rl_model_replay_buffer_") + ".npz"))
     return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def _resume_replay_buffer(model: BaseAlgorithm, args: argparse.Namespace, resume: str) -> None:
+    """Load the replay buffer for ``--resume`` only when ``--resume-replay-buffer`` asks for it, and
+    only from an ``.npz`` file (a pickle could run code)."""
+    from sb3_offtrc.common.replay_buffer_io import load_replay_buffer_npz
+
+    found = _replay_buffer_for(resume)
+    if args.resume_replay_buffer is None:
+        if found is not None:
+            print(f"not loading the replay buffer {found} (pass --resume-replay-buffer to continue with it)")
+        return
+    path = found if args.resume_replay_buffer == "auto" else args.resume_replay_buffer
+    if path is None:
+        raise CliError(f"--resume-replay-buffer: no {REPLAY_BUFFER_FILE} next to {resume}; give its path")
+    if not path.endswith(".npz"):
+        raise CliError(
+            f"--resume-replay-buffer {path}: only .npz replay buffers (saved by --save-replay-buffer) are read; "
+            "the CLI never unpickles a file. Load a trusted SB3 pickle in Python with model.load_replay_buffer()"
+        )
+    replay_buffer = getattr(model, "replay_buffer", None)
+    if replay_buffer is None:
+        raise CliError(f"--resume-replay-buffer: --algo {args.algo} has no replay buffer")
+    try:
+        load_replay_buffer_npz(replay_buffer, path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(f"--resume-replay-buffer: {exc}") from exc
+    print(f"resumed replay buffer from {path}")
+
+
+def _checkpoint_callback(save_freq: int, save_path: str, save_replay_buffer: bool) -> BaseCallback:
+    """SB3's CheckpointCallback, with the replay buffer saved as ``.npz`` (not pickled) next to each model."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    from sb3_offtrc.common.replay_buffer_io import save_replay_buffer_npz
+
+    class NpzCheckpointCallback(CheckpointCallback):
+        def _on_step(self) -> bool:
+            result = super()._on_step()
+            buffer = getattr(self.model, "replay_buffer", None)
+            if save_replay_buffer and buffer is not None and self.n_calls % self.save_freq == 0:
+                path = save_replay_buffer_npz(buffer, self._checkpoint_path("replay_buffer_", extension="npz"))
+                if self.verbose >= 2:
+                    print(f"Saving model replay buffer checkpoint to {path}")
+            return result
+
+    return NpzCheckpointCallback(save_freq=save_freq, save_path=save_path, save_replay_buffer=False)
 
 
 # ---------------------------------------------------------------------------------------- train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+    from stable_baselines3.common.callbacks import CallbackList
 
     from sb3_offtrc.common.monitor import CostLoggerCallback
     from sb3_offtrc.envs import resolve_env_id
@@ -268,10 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         hyperparams.setdefault("cost_key", args.cost_key)
     if resume:
         model = _load_algo(cls, resume, "--resume", env=venv, tensorboard_log=tb_log, **hyperparams)
-        buffer = _replay_buffer_for(resume)
-        if buffer is not None and hasattr(model, "load_replay_buffer"):
-            model.load_replay_buffer(buffer)
-            print(f"resumed replay buffer from {buffer}")
+        _resume_replay_buffer(model, args, resume)
     else:
         try:
             model = cls("MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams)
@@ -301,7 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     callbacks: list[Any] = [CostLoggerCallback()]
     if args.checkpoint_freq:
         callbacks.append(
-            CheckpointCallback(
+            _checkpoint_callback(
                 save_freq=max(args.checkpoint_freq // args.n_envs, 1),
                 save_path=os.path.join(out, "checkpoints"),
                 save_replay_buffer=args.save_replay_buffer and args.algo in OFF_POLICY,
@@ -334,8 +383,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     model_path = os.path.join(out, "model.zip")
     model.save(model_path)
-    if args.save_replay_buffer and hasattr(model, "save_replay_buffer"):
-        model.save_replay_buffer(os.path.join(out, "replay_buffer.pkl"))
+    replay_buffer = getattr(model, "replay_buffer", None)
+    if args.save_replay_buffer and replay_buffer is not None:
+        from sb3_offtrc.common.replay_buffer_io import save_replay_buffer_npz
+
+        print(f"replay buffer: {save_replay_buffer_npz(replay_buffer, os.path.join(out, REPLAY_BUFFER_FILE))}")
     venv.close()
     png = os.path.join(out, "curves.png")
     try:
@@ -573,10 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--progress-bar", action="store_true")
     train.add_argument("--tensorboard-log", default=None, help="default: OUT/tb")
     train.add_argument("--checkpoint-freq", type=int, default=0, help="env steps between checkpoints (0: none)")
-    train.add_argument("--save-replay-buffer", action="store_true", help="also save the replay buffer (off-policy)")
+    train.add_argument(
+        "--save-replay-buffer", action="store_true", help="also save the replay buffer (off-policy), as .npz"
+    )
     train.add_argument("--eval-freq", type=int, default=0, help="env steps between SafeEvalCallback evaluations")
     train.add_argument("--eval-episodes", type=int, default=5)
     train.add_argument("--resume", default=None, metavar="MODEL.zip", help="continue training a saved model")
+    train.add_argument(
+        "--resume-replay-buffer",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="BUFFER.npz",
+        help="with --resume, also load the replay buffer saved by --save-replay-buffer (default: the .npz next "
+        "to the model); pickle files are never loaded",
+    )
     train.add_argument("--out", default="runs/run", help="run directory")
     train.add_argument("--verbose", type=int, default=0)
     train.set_defaults(func=cmd_train)

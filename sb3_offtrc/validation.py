@@ -119,3 +119,37 @@ def check_finite_observation(obs: Any, obs_shape: tuple[int, ...], owner: str, w
         f"(flattened) are {shown}; the policy would turn them into a NaN action. Check the environment "
         f"(or its observation wrapper), or {opt_out} to let such observations through."
     )
+
+
+def check_model_zip(path: Any, owner: str, required_keys: tuple[str, ...]) -> None:
+    """Refuse a truncated, corrupt or foreign model file before SB3's ``load`` unpickles anything of it.
+
+    Reads only the zip's directory and its JSON ``data`` entry. ``required_keys`` are saved
+    attributes only ``owner`` has (a SAC zip has no ``n_recent``). A file-like ``path`` is left to SB3.
+    """
+    import json
+    import os
+    import zipfile
+
+    if not isinstance(path, str | os.PathLike):
+        return
+    name = os.fspath(path)
+    if not os.path.exists(name) and os.path.exists(f"{name}.zip"):
+        name = f"{name}.zip"  # as SB3 does
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{owner}.load: no model file {name!r}")
+    try:
+        with zipfile.ZipFile(name) as archive:
+            data = json.loads(archive.read("data"))
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{owner}.load: {name!r} is not a readable Stable-Baselines3 model file (truncated or corrupt? "
+            f"{type(exc).__name__}: {exc})"
+        ) from None
+    missing = [key for key in required_keys if key not in data]
+    if missing:
+        module = data.get("policy_class", {}).get("__module__", "an unknown module") if isinstance(data, dict) else "?"
+        raise ValueError(
+            f"{owner}.load: {name!r} is not an {owner} model (it has no {', '.join(missing)}; its policy comes "
+            f"from {module}). Load it with the class that saved it."
+        )

@@ -6,7 +6,9 @@ and calls the pure maths of :mod:`sb3_offtrc.core` for targets, surrogates and t
 
 from __future__ import annotations
 
+import io
 import math
+import pathlib
 import warnings
 from collections import deque
 from collections.abc import Sequence
@@ -40,7 +42,13 @@ from sb3_offtrc.core import (
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
-from sb3_offtrc.validation import check_finite_observation, check_float, check_int, check_schedule
+from sb3_offtrc.validation import (
+    check_finite_observation,
+    check_float,
+    check_int,
+    check_model_zip,
+    check_schedule,
+)
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 
@@ -823,6 +831,35 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         )
 
     # ------------------------------------------------------------------------------ persistence
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfOffTRC],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfOffTRC:
+        """SB3's ``load``; a truncated, corrupt or foreign file (e.g. a SAC zip) is a ``ValueError`` naming it.
+
+        The saved settings, ``kwargs`` and ``custom_objects`` are range-checked as in ``__init__``, against
+        the ``env`` given here (any number of env copies that ``n_steps``, ``n_recent`` and ``n_batch``
+        split over). Like every SB3 model file, the zip holds cloudpickled objects: load only files from
+        a trusted source.
+        """
+        check_model_zip(path, "OffTRC", ("n_recent", "n_batch", "cvar_alpha"))
+        return super().load(  # type: ignore[return-value]
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_behaviour", "_rollout_actor", "_rollout_rng"]
 
