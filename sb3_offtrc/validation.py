@@ -59,22 +59,25 @@ def check_float(
     return number
 
 
-def check_schedule(owner: str, name: str, value: float | Callable[[float], float]) -> None:
+def check_schedule(owner: str, name: str, value: float | Callable[[float], float], allow_zero: bool = False) -> None:
     """A positive finite value (a learning rate, PPO's clip range), or a schedule positive over the run.
 
     A schedule (a function of SB3's ``progress_remaining``, 1 at the start and 0 at the end) is
     probed at :data:`SCHEDULE_PROBES`: it must be positive everywhere before the end and not negative
-    at the end (a linear decay to 0 is allowed).
+    at the end (a linear decay to 0 is allowed). ``allow_zero`` (used after ``load``) also accepts 0
+    everywhere: rl-zoo3's ``enjoy`` loads models with ``learning_rate=0.0`` and ``clip_range=0.0``
+    so that nothing trains.
     """
     if not callable(value):
-        check_float(owner, name, value, 0.0, low_open=True, hint="pass a positive number or a schedule")
+        hint = "pass a positive number or a schedule"
+        check_float(owner, name, value, 0.0, low_open=not allow_zero, hint=hint)
         return
     for progress in SCHEDULE_PROBES:
         try:
             rate = float(value(progress))
         except Exception as exc:
             raise ValueError(f"{owner}: the {name} schedule fails at progress_remaining={progress}: {exc!r}") from exc
-        if not math.isfinite(rate) or rate < 0.0 or (rate == 0.0 and progress > 0.0):
+        if not math.isfinite(rate) or rate < 0.0 or (rate == 0.0 and progress > 0.0 and not allow_zero):
             raise ValueError(
                 f"{owner}: the {name} schedule returns {rate!r} at progress_remaining={progress}; it must "
                 "return a finite rate > 0 while training runs (0 is allowed only at progress_remaining=0)"

@@ -197,12 +197,20 @@ def test_load_names_the_setting_that_does_not_split_over_the_env_copies(saved_of
         (dict(n_recent=500), "n_recent=500 cannot exceed n_batch=240"),
         (dict(max_grad_norm=-1.0), "max_grad_norm"),
         (dict(custom_objects={"cost_limit": NAN}), "cost_limit"),
-        (dict(custom_objects={"learning_rate": 0.0}), "learning_rate"),
+        (dict(custom_objects={"learning_rate": -1e-3}), "learning_rate"),
     ],
 )
 def test_load_validates_its_overrides_like_the_constructor(saved_offtrc: str, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         OffTRC.load(saved_offtrc, **kwargs)
+
+
+def test_a_zero_learning_rate_is_refused_when_training_but_freezes_a_loaded_model(saved_offtrc: str) -> None:
+    """rl-zoo3's enjoy loads with learning_rate=0.0 (and PPO's clip_range=0.0) so that nothing trains."""
+    with pytest.raises(ValueError, match="learning_rate"):
+        OffTRC("MlpPolicy", CostLine(), learning_rate=0.0)
+    model = OffTRC.load(saved_offtrc, custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0})
+    assert model.lr_schedule(1.0) == 0.0
 
 
 @pytest.mark.parametrize("algo", [SACLagrangian, PPOLagrangian])

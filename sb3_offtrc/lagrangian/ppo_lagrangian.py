@@ -134,20 +134,22 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
             device=device,
             _init_setup_model=_init_setup_model,
         )
+        if _init_setup_model:
+            self._check_hyperparameters()
 
-    def _check_hyperparameters(self) -> None:
+    def _check_hyperparameters(self, after_load: bool = False) -> None:
         """Range checks of the arguments, each error naming its argument (also after ``load``)."""
         owner = type(self).__name__
         check_lagrangian(owner, self)
         # D = cost_limit / (1 - gamma) needs gamma < 1
         check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check_schedule(owner, "learning_rate", self.learning_rate)
+        check_schedule(owner, "learning_rate", self.learning_rate, allow_zero=after_load)
         for name in ("n_steps", "batch_size", "n_epochs"):
             setattr(self, name, check_int(owner, name, getattr(self, name)))
-        check_schedule(owner, "clip_range", self.clip_range)
+        check_schedule(owner, "clip_range", self.clip_range, allow_zero=after_load)
         if self.clip_range_vf is not None:
-            check_schedule(owner, "clip_range_vf", self.clip_range_vf)
+            check_schedule(owner, "clip_range_vf", self.clip_range_vf, allow_zero=after_load)
         check_float(owner, "ent_coef", self.ent_coef)
         check_float(owner, "vf_coef", self.vf_coef, 0.0)
         check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
@@ -155,7 +157,9 @@ class PPOLagrangian(CostReturnLimitMixin, PPO):
             check_float(owner, "target_kl", self.target_kl, 0.0, low_open=True, hint="or None for no early stop")
 
     def _setup_model(self) -> None:
-        self._check_hyperparameters()
+        # also after load(), where a rate of 0 (rl-zoo3's enjoy) freezes the model; __init__ then
+        # checks strictly
+        self._check_hyperparameters(after_load=True)
         super()._setup_model()
         self.lagrange = LagrangeMultiplier(
             self.initial_lagrange, lr=self.lagrangian_lr, max_value=self.max_lagrange, device=self.device

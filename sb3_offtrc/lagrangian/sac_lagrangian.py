@@ -134,14 +134,16 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
             device=device,
             _init_setup_model=_init_setup_model,
         )
+        if _init_setup_model:
+            self._check_hyperparameters()
 
-    def _check_hyperparameters(self) -> None:
+    def _check_hyperparameters(self, after_load: bool = False) -> None:
         """Range checks of the arguments, each error naming its argument (also after ``load``)."""
         owner = type(self).__name__
         check_lagrangian(owner, self)
         # D = cost_limit / (1 - gamma) needs gamma < 1
         check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
-        check_schedule(owner, "learning_rate", self.learning_rate)
+        check_schedule(owner, "learning_rate", self.learning_rate, allow_zero=after_load)
         for name, minimum in (("buffer_size", 1), ("learning_starts", 0), ("batch_size", 1)):
             setattr(self, name, check_int(owner, name, getattr(self, name), minimum))
         self.target_update_interval = check_int(owner, "target_update_interval", self.target_update_interval)
@@ -151,7 +153,9 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
             check_float(owner, "ent_coef", self.ent_coef, 0.0, low_open=True, hint="or 'auto'")
 
     def _setup_model(self) -> None:
-        self._check_hyperparameters()
+        # also after load(), where a rate of 0 (rl-zoo3's enjoy) freezes the model; __init__ then
+        # checks strictly
+        self._check_hyperparameters(after_load=True)
         super()._setup_model()
         self.lagrange = LagrangeMultiplier(
             self.initial_lagrange, lr=self.lagrangian_lr, max_value=self.max_lagrange, device=self.device

@@ -223,14 +223,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             self._setup_model()
 
     # ------------------------------------------------------------------------------------ setup
-    def _check_hyperparameters(self) -> None:
+    def _check_hyperparameters(self, after_load: bool = False) -> None:
         """Range checks of every hyperparameter, each error naming its argument.
 
         Run by ``__init__`` and again by ``_setup_model``, i.e. also after ``OffTRC.load`` has put the
         saved values, its keyword arguments and ``custom_objects`` in place.
         """
         owner = "OffTRC"
-        check_schedule(owner, "learning_rate", self.learning_rate)
+        check_schedule(owner, "learning_rate", self.learning_rate, allow_zero=after_load)
         for name, minimum in (
             ("n_steps", 1),
             ("n_recent", 1),
@@ -278,7 +278,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     def _setup_model(self) -> None:
         # OffTRC.load() skips __init__'s values: check what it put in place, now that n_envs is known
-        self._check_hyperparameters()
+        # (__init__ has checked strictly already; after load a rate of 0 freezes the model)
+        self._check_hyperparameters(after_load=True)
         self._check_env_copies()
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
@@ -601,7 +602,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
         hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
         if self.cost_gradient_shrinkage and halves is not None:
-            shrink = self._cost_gradient_shrink(b, hinv_b, *halves["cvar"], hessian_vector_product)
+            b_first, b_second = halves["cvar"]
+            shrink = self._cost_gradient_shrink(b, hinv_b, b_first, b_second, hessian_vector_product)
             b, hinv_b = shrink * b, shrink * hinv_b
             self.logger.record("diag/cost_gradient_shrink", shrink)
         q, r, s = float(th.dot(g, hinv_g)), float(th.dot(g, hinv_b)), float(th.dot(b, hinv_b))
