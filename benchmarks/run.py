@@ -301,6 +301,17 @@ LEARN_VARIANTS: dict[str, dict[str, Any]] = {
         "adaptive_trust_region": False,
         "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
     },
+    # the surrogates' baseline inside the importance weight (OffTRC(weighted_baseline=True)), on
+    # the two arms that led at 1M steps
+    "kl0.01_fixed_wb": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False, "weighted_baseline": True},
+    "kl0.01_fixed_n5_smooth_norm_shrink_wb": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+        "weighted_baseline": True,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
 }
 LEARN = Preset(
     name="learn",
@@ -321,7 +332,12 @@ LEARN_1M = Preset(
     name="learn_1m",
     blocks=[
         Block(
-            algos=["kl0.01_fixed", "kl0.01_fixed_n5_smooth_norm_shrink"],
+            algos=[
+                "kl0.01_fixed",
+                "kl0.01_fixed_n5_smooth_norm_shrink",
+                "kl0.01_fixed_wb",
+                "kl0.01_fixed_n5_smooth_norm_shrink_wb",
+            ],
             envs=["SafetyPointGoal1-v0"],
             seeds=[0],
             budget=1_000_000,

@@ -4,6 +4,15 @@ Each surrogate is an importance-weighted correction around the value measured at
 ``ratio = pi_theta / pi_k`` is differentiable, ``w = min(1, pi_k / mu)`` is not. Subtracting the
 batch mean ``m_X`` of ``A_X w`` makes every correction vanish at ``theta = theta_k``, so the
 surrogates equal the measured constants there — the paper's remedy for distribution shift.
+
+``weighted_baseline=True`` (a deviation from the paper, ``OffTRC(weighted_baseline=True)``) subtracts
+the baseline inside the weight instead: ``ratio w (A - m_w)`` with ``m_w = mean(A w) / mean(w)``,
+which also vanishes at ``theta_k``. The paper's ``ratio (A w - m)`` puts ``-m ratio`` on every row,
+including replayed rows that ``pi_k`` would almost never take (``w`` near 0): there ``ratio =
+pi_theta / pi_k`` can grow without bound for a small step, and its expectation under the behaviour
+policy is not 1, so the baseline biases the gradient by ``-m E_mu[grad log pi_k]``. With the
+baseline inside the weight, ``ratio w = min(pi_theta / pi_k, pi_theta / mu)`` multiplies every term
+(docs/diagnosis.md).
 """
 
 from __future__ import annotations
@@ -22,10 +31,22 @@ class SurrogateConstants(NamedTuple):
     k_alpha: float  # CVaR coefficient, see cvar_coefficient
 
 
-def reward_surrogate(ratio: th.Tensor, advantages: th.Tensor, weights: th.Tensor) -> th.Tensor:
-    """``L = mean[ratio (A w - m_R)] / (sd_R + 1e-8)``, zero at ``theta_k``."""
+def centred_corrections(advantages: th.Tensor, weights: th.Tensor, weighted_baseline: bool = False) -> th.Tensor:
+    """The per-row terms that multiply ``ratio``: ``A w - mean(A w)`` (the paper), or with
+    ``weighted_baseline`` ``w (A - mean(A w) / mean(w))``. Both have mean zero over the batch."""
     weighted = advantages * weights
-    return th.mean(ratio * (weighted - weighted.mean())) / (weighted.std() + 1e-8)
+    if not weighted_baseline:
+        return weighted - weighted.mean()
+    return weights * (advantages - weighted.mean() / th.clamp(weights.mean(), min=1e-8))
+
+
+def reward_surrogate(
+    ratio: th.Tensor, advantages: th.Tensor, weights: th.Tensor, weighted_baseline: bool = False
+) -> th.Tensor:
+    """``L = mean[ratio (A w - m_R)] / (sd_R + 1e-8)``, zero at ``theta_k`` (with
+    ``weighted_baseline``: ``mean[ratio w (A - m_w)] / (sd + 1e-8)``, see the module docstring)."""
+    centred = centred_corrections(advantages, weights, weighted_baseline)
+    return th.mean(ratio * centred) / (centred.std() + 1e-8)
 
 
 class CostSurrogates(NamedTuple):
@@ -40,13 +61,14 @@ def cost_surrogates(
     var_advantages: th.Tensor,
     weights: th.Tensor,
     constants: SurrogateConstants,
+    weighted_baseline: bool = False,
 ) -> CostSurrogates:
     """``J_C``, ``V_C`` and the CVaR surrogate ``F = J_C + k sqrt(max(V_C, 1e-8))``."""
     gamma = constants.gamma
-    weighted_c = cost_advantages * weights
-    weighted_s = var_advantages * weights
-    mean_term = th.mean(ratio * (weighted_c - weighted_c.mean())) / (1.0 - gamma)
-    var_term = th.mean(ratio * (weighted_s - weighted_s.mean())) / (1.0 - gamma**2)
+    centred_c = centred_corrections(cost_advantages, weights, weighted_baseline)
+    centred_s = centred_corrections(var_advantages, weights, weighted_baseline)
+    mean_term = th.mean(ratio * centred_c) / (1.0 - gamma)
+    var_term = th.mean(ratio * centred_s) / (1.0 - gamma**2)
     cost_mean = constants.cost_mean + mean_term
     cost_var = constants.cost_var + var_term
     cvar = cost_mean + constants.k_alpha * th.sqrt(th.clamp(cost_var, min=1e-8))

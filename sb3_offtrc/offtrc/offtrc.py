@@ -96,6 +96,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         that two halves of the batch agree on, ``clip(b1' H^-1 b2 / b' H^-1 b, 0.01, 1)`` (a deviation
         from the paper; docs/diagnosis.md). With a noisy ``b`` the linearised constraint otherwise
         promises cost reductions that the step does not deliver. ``False`` (default) is the paper.
+    :param weighted_baseline: Subtract the surrogates' batch baseline inside the importance weight,
+        ``ratio w (A - mean(A w) / mean(w))``, instead of the paper's ``ratio (A w - mean(A w))``
+        (a deviation from the paper; ALGORITHM.md §5, docs/diagnosis.md). The paper's form puts
+        ``-m ratio`` on replayed rows that the current policy would almost never take, where
+        ``ratio`` explodes for a small step and can carry the line search's checks to +-inf.
+        ``False`` (default) is the paper.
     :param max_grad_norm: Gradient-norm clip of each critic step
     :param cost_key: Key of the per-step cost in the env's ``info``
     :param check_observations: Refuse observations with NaN or inf entries, with an error naming the
@@ -143,6 +149,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         critic_batch_size: int | None = None,
         fisher_fraction: float = 1.0,
         cost_gradient_shrinkage: bool = False,
+        weighted_baseline: bool = False,
         max_grad_norm: float = 1.0,
         cost_key: str = "cost",
         check_observations: bool = True,
@@ -210,6 +217,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.critic_batch_size = critic_batch_size
         self.fisher_fraction = fisher_fraction
         self.cost_gradient_shrinkage = cost_gradient_shrinkage
+        self.weighted_baseline = weighted_baseline
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
         self.check_observations = check_observations
@@ -585,8 +593,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
             mean, std = policy.distribution(obs)
             ratio = th.exp(gaussian_log_prob(actions, mean, std) - log_pi_k)
-            objective = reward_surrogate(ratio, targets.reward_advantage, rho)
-            cvar = cost_surrogates(ratio, targets.cost_advantage, targets.var_advantage, rho, constants).cvar
+            objective = reward_surrogate(ratio, targets.reward_advantage, rho, self.weighted_baseline)
+            cvar = cost_surrogates(
+                ratio, targets.cost_advantage, targets.var_advantage, rho, constants, self.weighted_baseline
+            ).cvar
             return objective, cvar, mean, std, ratio
 
         objective, cvar, mean, std, ratio = surrogates()
@@ -697,9 +707,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             return None
         grads: dict[str, list[th.Tensor]] = {"reward": [], "cvar": []}
         for half in (block, ~block):
-            objective = reward_surrogate(ratio[half], targets.reward_advantage[half], rho[half])
+            objective = reward_surrogate(
+                ratio[half], targets.reward_advantage[half], rho[half], self.weighted_baseline
+            )
             cvar = cost_surrogates(
-                ratio[half], targets.cost_advantage[half], targets.var_advantage[half], rho[half], constants
+                ratio[half],
+                targets.cost_advantage[half],
+                targets.var_advantage[half],
+                rho[half],
+                constants,
+                self.weighted_baseline,
             ).cvar
             grads["reward"].append(flat_grad(objective, params, retain_graph=True))
             grads["cvar"].append(flat_grad(cvar, params, retain_graph=True))
@@ -744,8 +761,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 vector_to_parameters(theta_k + beta * step, params)
                 objective, cvar, mean, std, _ = surrogates()
                 kl = float(diag_gaussian_kl(mean_k, std_k, mean, std).mean())
+                # a non-finite surrogate (an importance ratio overflowing on a far-off replayed
+                # action) would pass both checks below (+inf objective, -inf CVaR): refuse it
                 ok = (
                     math.isfinite(kl)
+                    and math.isfinite(float(objective))
+                    and math.isfinite(float(cvar))
                     and kl <= eps
                     and (not check_objective or float(objective) >= objective_k)
                     and float(cvar) - cvar_k <= max(-margin, 0.0)
