@@ -99,8 +99,10 @@ def test_targets_reduce_to_gae_when_on_policy() -> None:
     np.testing.assert_allclose(out.cost_target.numpy(), ret_c, atol=1e-9)
 
 
-def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam):
-    """Per-step reference written directly from the equations of ALGORITHM.md §3.3."""
+def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, cost_lam=None):
+    """Per-step reference written directly from the equations of ALGORITHM.md §3.3 (``cost_lam``: the
+    trace decay of the cost-mean and cost-variance recursions, ``lam`` if None)."""
+    cost_lam = lam if cost_lam is None else cost_lam
     n = len(r)
     y_r, y_c, z = np.zeros(n), np.zeros(n), np.zeros(n)
     d_r = d_c = eta = 0.0
@@ -116,8 +118,8 @@ def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma
             + gamma**2 * eta
         )
         d_r = lam * rho[t] * (y_r[t] - vr[t])
-        d_c = lam * rho[t] * (y_c[t] - vc[t])
-        eta = lam * rho[t] * (z[t] - var[t])
+        d_c = cost_lam * rho[t] * (y_c[t] - vc[t])
+        eta = cost_lam * rho[t] * (z[t] - var[t])
     return y_r, y_c, z
 
 
@@ -143,6 +145,20 @@ def test_targets_with_truncated_weights_match_slow_reference() -> None:
     np.testing.assert_allclose(out.cost_target.numpy(), y_c, atol=1e-9)
     np.testing.assert_allclose(out.var_target.numpy(), z, atol=1e-9)
     np.testing.assert_allclose(out.var_advantage.numpy(), z - var, atol=1e-9)
+
+    # a separate trace decay for the cost recursions leaves the reward targets as they were
+    cost_lam = 0.5
+    split = offpolicy_targets(
+        t(r), t(c), t(dones), t(fails), t(rho), t(vr), t(vr_n), t(vc), t(vc_n), t(var), t(var_n), gamma, lam,
+        cost_lam,
+    )  # fmt: skip
+    y_r2, y_c2, z2 = _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, cost_lam)
+    np.testing.assert_allclose(y_r2, y_r)
+    assert np.abs(y_c2 - y_c).max() > 1e-3  # the reference does see the other decay
+    np.testing.assert_allclose(split.reward_target.numpy(), y_r, atol=1e-9)
+    np.testing.assert_allclose(split.cost_target.numpy(), y_c2, atol=1e-9)
+    np.testing.assert_allclose(split.var_target.numpy(), z2, atol=1e-9)
+    np.testing.assert_allclose(split.cost_advantage.numpy(), y_c2 - vc, atol=1e-9)
 
 
 def test_variance_target_fixed_point_is_monte_carlo_variance() -> None:

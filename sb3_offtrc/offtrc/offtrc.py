@@ -73,6 +73,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     :param buffer_size: Replay buffer size (all env copies)
     :param gamma: Discount factor
     :param gae_lambda: Trace-decay lambda of the off-policy targets
+    :param cost_gae_lambda: Trace-decay lambda of the cost-mean and cost-variance targets, or ``None``
+        (default) for ``gae_lambda`` (the paper). A smaller value leans on the cost critics sooner:
+        less variance in the cost advantages that steer the constraint, more bias (a deviation from
+        the paper; docs/diagnosis.md).
     :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - gamma)``
     :param cvar_alpha: CVaR level in (0, 1]; 1.0 gives an expected-cost constraint
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
@@ -137,6 +141,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         buffer_size: int = 50_000,
         gamma: float = 0.99,
         gae_lambda: float = 0.97,
+        cost_gae_lambda: float | None = None,
         cost_limit: float = 0.025,
         cvar_alpha: float = 0.125,
         max_kl: float = 0.001,
@@ -205,6 +210,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.n_recent = n_recent
         self.n_batch = n_batch
         self.gae_lambda = gae_lambda
+        self.cost_gae_lambda = cost_gae_lambda
         self.cost_limit = cost_limit
         self.cvar_alpha = cvar_alpha
         self.max_kl = max_kl
@@ -258,6 +264,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             raise ValueError(f"n_batch={self.n_batch} cannot exceed buffer_size={self.buffer_size}")
         check_float(owner, "gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "gae_lambda", self.gae_lambda, 0.0, 1.0)
+        if self.cost_gae_lambda is not None:
+            check_float(owner, "cost_gae_lambda", self.cost_gae_lambda, 0.0, 1.0)
         check_float(owner, "cost_limit", self.cost_limit, 0.0, hint="it is the per-step cost limit d")
         cvar_coefficient(self.cvar_alpha)  # raises with its own message
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
@@ -506,11 +514,19 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             targets = offpolicy_targets(
                 batch.rewards, batch.costs, batch.cuts, batch.fails, rho,
                 v_r[:n], v_r[n:], v_c[:n], v_c[n:], var_c[:n], var_c[n:], gamma, self.gae_lambda,
+                self.cost_gae_lambda,
             )  # fmt: skip
             recent = batch.recent.bool()
             cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma)  # J_hat (§3.4)
             cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
             kappa = float(diag_gaussian_kl(batch.behaviour_mean, batch.behaviour_std, mean_k, std_k).mean())
+            if bool((~recent).any()):
+                # how much of the replayed (older) data the truncated weights keep: the mean weight,
+                # and the effective sample size (sum w)^2 / sum w^2 as a share of those rows
+                rho_old = rho[~recent]
+                self.logger.record("diag/rho_old_mean", float(rho_old.mean()))
+                ess = float(rho_old.sum() ** 2 / th.clamp(th.sum(rho_old**2), min=1e-12))
+                self.logger.record("diag/ess_old_share", ess / rho_old.numel())
 
         std_target = th.sqrt(th.clamp(targets.var_target, 0.0))
         self._log_critic_holdout(
