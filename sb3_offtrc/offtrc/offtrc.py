@@ -707,9 +707,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             return None
         grads: dict[str, list[th.Tensor]] = {"reward": [], "cvar": []}
         for half in (block, ~block):
-            objective = reward_surrogate(
-                ratio[half], targets.reward_advantage[half], rho[half], self.weighted_baseline
-            )
+            objective = reward_surrogate(ratio[half], targets.reward_advantage[half], rho[half], self.weighted_baseline)
             cvar = cost_surrogates(
                 ratio[half],
                 targets.cost_advantage[half],
