@@ -365,6 +365,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # comes from a generator seeded by torch's, so SB3's seeding still fixes every sample.
         self._rollout_actor = NumpyActor.snapshot(self.policy)
         self._rollout_rng = np.random.default_rng(int(th.randint(0, 2**62, (1,)).item()))
+        collected = self.num_timesteps % self.n_steps
+        if collected:
+            # Resumed mid-rollout (an interrupted run, a checkpoint saved between updates): collect only
+            # what this rollout lacks, so that the updates fall on the same env steps as in a run that
+            # was never stopped, and learn(total) ends on the budget instead of up to n_steps past it.
+            remaining = -(-(self.n_steps - collected) // self.n_envs)  # ceil: whole steps of every copy
+            train_freq = TrainFreq(remaining, train_freq.unit)
         try:
             return super().collect_rollouts(
                 env, callback, train_freq, replay_buffer, action_noise, learning_starts, log_interval
