@@ -27,6 +27,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Rollout
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
+from sb3_offtrc.common.replay_buffer_io import check_loaded_replay_buffer
 from sb3_offtrc.core import (
     StepCase,
     SurrogateConstants,
@@ -887,6 +888,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             force_reset=force_reset,
             **kwargs,
         )
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """SB3's ``load_replay_buffer``, which unpickles ``path`` (load only files you trust); a buffer that
+        does not fit this model (class, number of env copies, spaces) is refused with a ``ValueError``."""
+        previous = self.replay_buffer
+        super().load_replay_buffer(path, truncate_last_traj)
+        check_loaded_replay_buffer(self, path, previous)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_behaviour", "_rollout_actor", "_rollout_rng"]
