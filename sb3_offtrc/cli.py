@@ -2,8 +2,10 @@
 
 Run layout written by ``train --out DIR``::
 
-    DIR/model.zip               final model
-    DIR/config.json             algo, env id, cost, cost limit, hyperparameters, seed
+    DIR/model.zip               final model (also written when SIGINT/SIGTERM stops training)
+    DIR/config.json             algo, env id, cost, cost limit, hyperparameters, seed, and one
+                                record per invocation under "segments" (``--resume`` into DIR
+                                continues the run there, appending to its monitor files)
     DIR/monitor/<rank>.monitor.csv, <rank>.costs.csv   SB3 Monitor + CostMonitor files
     DIR/tb/                     TensorBoard log (unless --tensorboard-log says otherwise)
     DIR/checkpoints/            with --checkpoint-freq
