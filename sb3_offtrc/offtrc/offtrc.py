@@ -369,8 +369,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         collected = self.num_timesteps % self.n_steps
         if collected:
             # Resumed mid-rollout (an interrupted run, a checkpoint saved between updates): collect only
-            # what this rollout lacks, so that the updates fall on the same env steps as in a run that
-            # was never stopped, and learn(total) ends on the budget instead of up to n_steps past it.
+            # what this rollout lacks, so that the updates fall on the same env steps (multiples of
+            # n_steps) as in a run that was never stopped, and a budget that is such a multiple is met
+            # exactly instead of up to n_steps past it.
             remaining = -(-(self.n_steps - collected) // self.n_envs)  # ceil: whole steps of every copy
             train_freq = TrainFreq(remaining, train_freq.unit)
         try:
