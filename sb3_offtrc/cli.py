@@ -2,8 +2,10 @@
 
 Run layout written by ``train --out DIR``::
 
-    DIR/model.zip               final model
-    DIR/config.json             algo, env id, cost, cost limit, hyperparameters, seed
+    DIR/model.zip               final model (also written when SIGINT/SIGTERM stops training)
+    DIR/config.json             algo, env id, cost, cost limit, hyperparameters, seed, and one
+                                record per invocation under "segments" (``--resume`` into DIR
+                                continues the run there, appending to its monitor files)
     DIR/monitor/<rank>.monitor.csv, <rank>.costs.csv   SB3 Monitor + CostMonitor files
     DIR/tb/                     TensorBoard log (unless --tensorboard-log says otherwise)
     DIR/checkpoints/            with --checkpoint-freq
@@ -19,10 +21,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
+import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -115,15 +122,109 @@ def make_train_env(
     monitor_dir: str | None,
     subproc: bool = False,
     env_kwargs: dict[str, Any] | None = None,
+    append: bool = False,
 ) -> VecEnv:
+    """The training envs; ``append`` continues the monitor files of a resumed run instead of rewriting them."""
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     from sb3_offtrc.common.monitor import make_cost_vec_env
 
     vec_env_cls = SubprocVecEnv if subproc and n_envs > 1 else None
-    return make_cost_vec_env(
-        env_id, n_envs=n_envs, seed=seed, monitor_dir=monitor_dir, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs
-    )
+    # Worker processes inherit ignored signals: a Ctrl-C (which the terminal sends to the whole
+    # process group) then stops only this process, which saves the run and closes the workers.
+    with _stop_signals_ignored() if vec_env_cls is not None else contextlib.nullcontext():
+        return make_cost_vec_env(
+            env_id,
+            n_envs=n_envs,
+            seed=seed,
+            monitor_dir=monitor_dir,
+            vec_env_cls=vec_env_cls,
+            env_kwargs=env_kwargs,
+            override_existing=not append,
+        )
+
+
+# ---------------------------------------------------------------------------------------- signals
+
+#: exit status after a signal stopped training: 128 + the signal's number, as shells report it
+STOP_SIGNALS: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _in_main_thread() -> bool:
+    # signal.signal() works in the main thread only (main() may be called from another one)
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored for the duration (for starting worker processes), then restored."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class GracefulStop:
+    """While active, SIGINT and SIGTERM ask training to stop instead of killing the process.
+
+    The handler only records the signal; :meth:`callback` returns an SB3 callback whose ``_on_step``
+    returns ``False`` once one arrived, which ends ``learn()`` right after the env step in progress
+    (and after an update in progress), so the caller can save the model and close the monitor files.
+    A second signal restores the previous handlers and re-sends itself: the process then stops at
+    once, as it would without this class. Leaving the ``with`` block restores the previous handlers.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if _in_main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # asked twice: stop now, without saving
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        message = (
+            f"\n{signal.Signals(signum).name}: stopping after the current env step to save the run "
+            "(send it again to stop at once, without saving)\n"
+        )
+        try:  # os.write, not print(): the handler may run in the middle of a print
+            os.write(sys.stderr.fileno(), message.encode())
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (captured)
+            sys.stderr.write(message)
+
+    def callback(self) -> BaseCallback:
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        stop = self
+
+        class StopOnSignal(BaseCallback):
+            def _on_step(self) -> bool:
+                return stop.signum is None
+
+        return StopOnSignal()
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +380,102 @@ def _checkpoint_callback(save_freq: int, save_path: str, save_replay_buffer: boo
 # ---------------------------------------------------------------------------------------- train
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _run_to_continue(args: argparse.Namespace, resume: str | None, env_id: str) -> dict[str, Any] | None:
+    """The config.json of the run that ``--resume`` continues in place (``--out`` holds it), else None.
+
+    Resuming a run into its own directory appends to its monitor files and run record; a model from
+    elsewhere would mix two runs' episode logs there, and another algorithm or env would mix runs too.
+    """
+    path = os.path.join(args.out, CONFIG_FILE)
+    if resume is None or not os.path.isfile(path):
+        return None
+    if not _inside(resume, args.out):
+        raise CliError(
+            f"--out {args.out} holds another run (its {CONFIG_FILE}); continuing {resume} there would mix the two "
+            f"runs' episode logs. Pass a new --out, or --resume that run's own model "
+            f"({os.path.join(args.out, 'model.zip')} or one of its checkpoints)"
+        )
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--out {args.out}: cannot read its {CONFIG_FILE} to continue the run ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CliError(f"--out {args.out}: {path} is not a run configuration")
+    for key, flag, value in (("algo", "--algo", args.algo), ("env_id", "--env / --cost", env_id)):
+        if config.get(key) is not None and config[key] != value:
+            raise CliError(
+                f"--resume into {args.out}: that run was trained with {key} {config[key]!r}, this one would use "
+                f"{value!r}; pass the same {flag}, or a new --out"
+            )
+    return config
+
+
+def _check_resume_point(config: dict[str, Any], model: BaseAlgorithm, out: str) -> None:
+    """Refuse to continue a run in place from a step before the one its files already reach."""
+    segments = config.get("segments") or []
+    reached = segments[-1].get("end_timesteps") if segments and isinstance(segments[-1], dict) else None
+    if isinstance(reached, int) and model.num_timesteps < reached:
+        raise CliError(
+            f"--resume: the run in {out} already went on to step {reached}; continuing it there from step "
+            f"{model.num_timesteps} would log steps {model.num_timesteps}..{reached} twice. Resume into a new --out, "
+            f"or from {os.path.join(out, 'model.zip')}"
+        )
+
+
+def _write_config(out: str, config: dict[str, Any]) -> None:
+    path = os.path.join(out, CONFIG_FILE)
+    tmp = f"{path}.tmp"  # written whole, then renamed: a signal or a full disk leaves the old file
+    with open(tmp, "w") as handle:
+        json.dump(config, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def _resume_command(args: argparse.Namespace, model_path: str, remaining: int) -> str:
+    """The command line that continues this run in place for ``remaining`` more steps."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_arguments(parser)
+    words = ["python", "-m", "sb3_offtrc", "train"]
+    replaced = {"resume": model_path, "timesteps": remaining, "resume_replay_buffer": None}
+    for action in parser._actions:  # every train flag, with this run's values
+        if not action.option_strings or action.dest in replaced:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    words += ["--resume", model_path, "--timesteps", str(remaining)]
+    if args.save_replay_buffer and args.algo in OFF_POLICY:
+        words.append("--resume-replay-buffer")
+    return shlex.join(words)
+
+
+def _continue_evaluations(callback: Any, path: str, n_episodes: int) -> None:
+    """Let a resumed run's SafeEvalCallback extend the evaluations.npz of the run it continues."""
+    if not os.path.isfile(path):
+        return
+    try:
+        restored = callback.restore_history(path)
+    except ValueError as exc:
+        raise CliError(f"--eval-freq: cannot continue the evaluations in {path} ({exc})") from exc
+    if restored and n_episodes != len(callback.evaluations_results[-1]):
+        raise CliError(
+            f"--eval-episodes {n_episodes}: the run's {path} holds {len(callback.evaluations_results[-1])} episodes "
+            "per evaluation; pass that number to continue it"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stable_baselines3.common.callbacks import CallbackList
 
@@ -305,10 +502,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = _model_path(args.resume, "--resume") if args.resume else None
     out = args.out
     _make_dir(out, "--out")
+    previous = _run_to_continue(args, resume, env_id)
     tb_log = args.tensorboard_log if args.tensorboard_log is not None else os.path.join(out, "tb")
     monitor_dir = os.path.join(out, "monitor")
     try:
-        venv = make_train_env(env_id, args.n_envs, args.seed, monitor_dir, subproc=args.subproc, env_kwargs=env_kwargs)
+        venv = make_train_env(
+            env_id,
+            args.n_envs,
+            args.seed,
+            monitor_dir,
+            subproc=args.subproc,
+            env_kwargs=env_kwargs,
+            append=previous is not None,
+        )
     except ImportError as exc:  # e.g. a Safety-Gymnasium task without the safety stack installed
         print(f"error: cannot build {args.env}: {exc}", file=sys.stderr)
         return 2
@@ -318,35 +524,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.cost_limit is not None:
             hyperparams.setdefault("cost_limit", args.cost_limit)
         hyperparams.setdefault("cost_key", args.cost_key)
-    if resume:
-        model = _load_algo(cls, resume, "--resume", env=venv, tensorboard_log=tb_log, **hyperparams)
-        _resume_replay_buffer(model, args, resume)
-    else:
-        try:
-            model = cls("MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams)
-        except (TypeError, ValueError) as exc:
-            venv.close()
-            raise CliError(f"--hyperparams (or --cost-limit / --preset): {cls.__name__}: {exc}") from exc
+    try:
+        if resume:
+            model = _load_algo(cls, resume, "--resume", env=venv, tensorboard_log=tb_log, **hyperparams)
+            if previous is not None:
+                _check_resume_point(previous, model, out)
+            _resume_replay_buffer(model, args, resume)
+        else:
+            try:
+                model = cls(
+                    "MlpPolicy", venv, seed=args.seed, tensorboard_log=tb_log, verbose=args.verbose, **hyperparams
+                )
+            except (TypeError, ValueError) as exc:
+                raise CliError(f"--hyperparams (or --cost-limit / --preset): {cls.__name__}: {exc}") from exc
+    except BaseException:
+        venv.close()
+        raise
     cost_limit = getattr(model, "cost_limit", args.cost_limit)
-    config = {
-        "algo": args.algo,
-        "env": args.env,
-        "env_id": env_id,
-        "env_kwargs": _jsonable(env_kwargs),
-        "cost": args.cost,
-        "cost_key": args.cost_key,
-        "cost_limit": cost_limit,
-        "gamma": getattr(model, "gamma", None),
+    start = model.num_timesteps if resume else 0
+    target = start + args.timesteps  # learn(reset_num_timesteps=False) adds the loaded count
+    # One record per invocation: a resumed run keeps the first one's configuration and appends its own.
+    segment: dict[str, Any] = {
+        "resumed_from": args.resume,
+        "resume_replay_buffer": args.resume_replay_buffer,
+        "start_timesteps": start,
+        "timesteps": args.timesteps,
+        "end_timesteps": None,
+        "status": "running",
         "seed": args.seed,
         "n_envs": args.n_envs,
-        "timesteps": args.timesteps,
-        "hyperparams": {
-            k: repr(v) if not isinstance(v, int | float | str | bool) else v for k, v in hyperparams.items()
-        },
-        "resumed_from": args.resume,
+        "hyperparams": _jsonable(hyperparams),
     }
-    with open(os.path.join(out, CONFIG_FILE), "w") as handle:
-        json.dump(config, handle, indent=2)
+    if previous is not None:
+        config = previous
+        config["timesteps"] = target  # the run's budget, as an uninterrupted run would have asked for it
+        config["segments"] = [*(config.get("segments") or []), segment]
+    else:
+        config = {
+            "algo": args.algo,
+            "env": args.env,
+            "env_id": env_id,
+            "env_kwargs": _jsonable(env_kwargs),
+            "cost": args.cost,
+            "cost_key": args.cost_key,
+            "cost_limit": cost_limit,
+            "gamma": getattr(model, "gamma", None),
+            "seed": args.seed,
+            "n_envs": args.n_envs,
+            "timesteps": args.timesteps,
+            "hyperparams": {
+                k: repr(v) if not isinstance(v, int | float | str | bool) else v for k, v in hyperparams.items()
+            },
+            "resumed_from": args.resume,
+            "segments": [segment],
+        }
+    _write_config(out, config)
     callbacks: list[Any] = [CostLoggerCallback()]
     if args.checkpoint_freq:
         callbacks.append(
@@ -362,44 +594,64 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_env = make_env_fn(env_id, 0, None, env_kwargs=env_kwargs)()
         horizon = episode_horizon(eval_env)
         episode_limit = cost_limit * horizon if cost_limit is not None and horizon else None
-        callbacks.append(
-            SafeEvalCallback(
-                eval_env,
-                cost_limit=episode_limit,
-                cost_key=args.cost_key,
-                n_eval_episodes=args.eval_episodes,
-                eval_freq=max(args.eval_freq // args.n_envs, 1),
-                log_path=os.path.join(out, "eval"),
-                best_model_save_path=os.path.join(out, "best_model"),
-                verbose=args.verbose,
-            )
+        evaluation = SafeEvalCallback(
+            eval_env,
+            cost_limit=episode_limit,
+            cost_key=args.cost_key,
+            n_eval_episodes=args.eval_episodes,
+            eval_freq=max(args.eval_freq // args.n_envs, 1),
+            log_path=os.path.join(out, "eval"),
+            best_model_save_path=os.path.join(out, "best_model"),
+            verbose=args.verbose,
         )
-    model.learn(
-        total_timesteps=args.timesteps,
-        callback=CallbackList(callbacks),
-        progress_bar=args.progress_bar,
-        reset_num_timesteps=not args.resume,
-        tb_log_name=args.algo,
-    )
+        if previous is not None:
+            _continue_evaluations(evaluation, os.path.join(out, "eval", "evaluations.npz"), args.eval_episodes)
+        callbacks.append(evaluation)
+    for callback in callbacks:
+        # count env steps from the run's start, so that checkpoints and evaluations of a resumed run
+        # fall on the same steps as in an uninterrupted one (they fire when n_calls % freq == 0)
+        callback.n_calls = start // args.n_envs
     model_path = os.path.join(out, "model.zip")
-    model.save(model_path)
-    replay_buffer = getattr(model, "replay_buffer", None)
-    if args.save_replay_buffer and replay_buffer is not None:
-        from sb3_offtrc.common.replay_buffer_io import save_replay_buffer_npz
+    buffer_path = None
+    with GracefulStop() as stop:  # kept until the files are written: a first signal then waits for them
+        model.learn(
+            total_timesteps=args.timesteps,
+            callback=CallbackList([*callbacks, stop.callback()]),
+            progress_bar=args.progress_bar,
+            reset_num_timesteps=not args.resume,
+            tb_log_name=args.algo,
+        )
+        model.save(model_path)
+        replay_buffer = getattr(model, "replay_buffer", None)
+        if args.save_replay_buffer and replay_buffer is not None:
+            from sb3_offtrc.common.replay_buffer_io import save_replay_buffer_npz
 
-        print(f"replay buffer: {save_replay_buffer_npz(replay_buffer, os.path.join(out, REPLAY_BUFFER_FILE))}")
-    venv.close()
+            buffer_path = save_replay_buffer_npz(replay_buffer, os.path.join(out, REPLAY_BUFFER_FILE))
+        interrupted = stop.signum is not None and model.num_timesteps < target
+        segment["end_timesteps"] = model.num_timesteps
+        segment["status"] = "interrupted" if interrupted else "completed"
+        if stop.signum is not None:
+            segment["signal"] = stop.name
+        _write_config(out, config)
+        venv.close()  # closes (and so flushes) the monitor files
     png = os.path.join(out, "curves.png")
     try:
         plot_runs([out], png, cost_limit=cost_limit)
     except (FileNotFoundError, ValueError) as exc:  # e.g. no episode finished yet
         png = f"(no plot: {exc})"
     tb_dir = getattr(model.logger, "dir", None) or tb_log
+    if interrupted:
+        print(f"{stop.name}: training stopped at step {model.num_timesteps} of {target}; the run so far is saved")
     print(f"model:       {model_path}")
+    if buffer_path is not None:
+        print(f"replay buffer: {buffer_path}")
+    print(f"config:      {os.path.join(out, CONFIG_FILE)}")
     print(f"tensorboard: {tb_dir}   (tensorboard --logdir {tb_log})")
     print(f"monitor:     {monitor_dir}")
     print(f"curves:      {png}")
-    return 0
+    if interrupted:
+        print(f"continue with: {_resume_command(args, model_path, target - model.num_timesteps)}")
+    return STOP_SIGNALS[stop.signum] if stop.signum is not None else 0
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -603,11 +855,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sb3-offtrc", description=__doc__.split("\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train an agent; writes model, monitor files, TensorBoard log, curves")
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--algo", default="offtrc", choices=list(ALGOS))
     train.add_argument("--env", default="HazardPoint-v0", help="env id (unknown ids list the available ones)")
     train.add_argument("--cost", choices=("native", "smooth"), default=None, help="cost of Safety-Gymnasium tasks")
@@ -642,6 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", default="runs/run", help="run directory")
     train.add_argument("--verbose", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sb3-offtrc", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an agent; writes model, monitor files, TensorBoard log, curves")
+    _add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a model: return / cost / CV / CVaR table")
@@ -693,6 +949,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"sb3-offtrc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which handles it), e.g. while building the env
+        print(f"sb3-offtrc {args.command}: interrupted", file=sys.stderr)
+        return STOP_SIGNALS[signal.SIGINT]
 
 
 if __name__ == "__main__":

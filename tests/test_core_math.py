@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -326,7 +327,7 @@ def test_feasible_case_when_gradient_of_cost_vanishes() -> None:
     [
         (dict(q=float("nan"), r=0.1, s=1.0, c=0.1, eps=0.01, b_norm_sq=1.0), "non-finite"),
         (dict(q=-1.0, r=0.1, s=1.0, c=0.1, eps=0.01, b_norm_sq=1.0), "not positive"),
-        (dict(q=1.0, r=0.0, s=0.0, c=0.1, eps=0.01, b_norm_sq=1e-20), "~0"),
+        (dict(q=1.0, r=0.0, s=0.0, c=0.1, eps=0.01, b_norm_sq=1e-20), "cost gradient vanishes"),
         (dict(q=1.0, r=0.1, s=1.0, c=0.1, eps=0.0, b_norm_sq=1.0), "radius is zero"),
     ],
 )
@@ -350,3 +351,210 @@ def test_step_solver_never_returns_nan(q: float, r: float, s: float, c: float, e
     else:
         assert math.isfinite(sol.lam) and sol.lam > 0
         assert math.isfinite(sol.nu) and sol.nu >= 0
+
+
+# ------------------------------------------------ the step solver's corner cases (issue 22, item 12)
+# The solver's contract, checked in exact rational arithmetic from the scalars it was given (so that the
+# check itself does not cancel): a step it returns satisfies x'Hx/2 <= eps (1 + TOL) and
+# c + b'x <= TOL * max(|c|, sqrt(2 eps s)), where sqrt(2 eps s) is the most b'x can change in the region.
+TOL = 1e-6
+
+
+def _exact_step(sol, q: float, r: float, s: float) -> tuple[Fraction, Fraction, Fraction]:
+    """(x'Hx / 2, b'x, g'x) of the returned step, exactly, from q = g'H^-1 g, r = g'H^-1 b, s = b'H^-1 b."""
+    q_, r_, s_ = Fraction(q), Fraction(r), Fraction(s)
+    if sol.case == StepCase.RECOVERY:
+        t = -Fraction(sol.recovery_scale)  # x = t H^-1 b
+        return t * t * s_ / 2, t * s_, t * r_
+    lam, nu = Fraction(sol.lam), Fraction(sol.nu)  # x = (H^-1 g - nu H^-1 b) / lam
+    return (q_ - 2 * nu * r_ + nu * nu * s_) / (2 * lam * lam), (r_ - nu * s_) / lam, (q_ - nu * r_) / lam
+
+
+def _optimum(q: float, r: float, s: float, c: float, eps: float) -> float | None:
+    """max g'x over the trust region and the constraint, solved in the plane of H^-1 g and H^-1 b
+    (an H-orthonormal basis: b's direction and the rest of g); None when no point is feasible."""
+    radius = math.sqrt(2 * eps)
+    g_along, g_across = r / math.sqrt(s), math.sqrt(max(q - r * r / s, 0.0))
+    alpha_max = -c / math.sqrt(s)  # the constraint: alpha <= alpha_max
+    if alpha_max < -radius:
+        return None
+    if q > 0 and radius * g_along / math.sqrt(q) <= alpha_max:
+        return radius * math.sqrt(q)  # the natural step is feasible
+    alpha = min(alpha_max, radius)
+    return g_along * alpha + g_across * math.sqrt(max(radius * radius - alpha * alpha, 0.0))
+
+
+def _assert_feasible(sol, q: float, r: float, s: float, c: float, eps: float) -> None:
+    half_norm, bx, _ = _exact_step(sol, q, r, s)
+    reach = math.sqrt(2 * eps * max(s, 0.0))
+    assert half_norm <= Fraction(eps) * (1 + Fraction(TOL)), (sol, float(half_norm) / eps)
+    if sol.case == StepCase.RECOVERY and sol.recovery_scale == pytest.approx(math.sqrt(2 * eps / s), rel=1e-12):
+        assert c >= reach * (1 - TOL), sol  # the full-radius recovery only when nothing is feasible
+    else:
+        assert Fraction(c) + bx <= Fraction(TOL * max(abs(c), reach)), (sol, float(Fraction(c) + bx))
+
+
+def _colinear(k: float, s: float) -> tuple[float, float]:
+    """q and r for g = k b (exactly colinear gradients)."""
+    return k * k * s, k * s
+
+
+@pytest.mark.parametrize(
+    ("k", "c", "case", "lam", "nu", "scale"),
+    [
+        # the reward rises along the cost gradient (k > 0) ...
+        (2.0, -0.5, StepCase.FEASIBLE, math.sqrt(4 / 0.02), 0.0, None),  # ... the whole region is safe
+        (2.0, -0.05, StepCase.CONSTRAINED, 2 / 0.05, 0.0, None),  # ... up to the constraint boundary
+        (2.0, 0.05, StepCase.RECOVERY, None, None, 0.05),  # ... violated: back to the boundary, no further
+        (2.0, 0.5, StepCase.RECOVERY, None, None, math.sqrt(0.02)),  # ... nothing feasible: full radius
+        # the reward falls along the cost gradient (k < 0): the natural step lowers both
+        (-2.0, -0.05, StepCase.CONSTRAINED, math.sqrt(4 / 0.02), 0.0, None),
+        (-2.0, 0.05, StepCase.CONSTRAINED, math.sqrt(4 / 0.02), 0.0, None),
+        (-2.0, 0.5, StepCase.RECOVERY, None, None, math.sqrt(0.02)),
+    ],
+)
+def test_colinear_gradients_step_along_the_cost_direction(
+    k: float, c: float, case: StepCase, lam: float | None, nu: float | None, scale: float | None
+) -> None:
+    q, r = _colinear(k, 1.0)
+    sol = solve_constrained_step(q, r, 1.0, c, 0.01, 1.0)
+    assert sol.case == case, sol
+    if lam is not None:
+        assert sol.lam == pytest.approx(lam, rel=1e-9) and sol.nu == nu
+    if scale is not None:
+        assert sol.recovery_scale == pytest.approx(scale, rel=1e-9)
+    _assert_feasible(sol, q, r, 1.0, c, 0.01)
+
+
+def test_colinear_gradients_at_the_constraint_limit_take_no_step() -> None:
+    sol = solve_constrained_step(*_colinear(2.0, 1.0), 1.0, 0.0, 0.01, 1.0)
+    assert sol.case == StepCase.SKIPPED and "along the cost gradient" in sol.reason
+
+
+def test_nearly_colinear_gradients_keep_the_multipliers_bounded() -> None:
+    # cos^2 = 1 - 2e-12: the dual's lambda = sqrt(A / B) would be ~0 and nu ~ r / s, so the caller's
+    # (H^-1 g - nu H^-1 b) / lambda would cancel to nothing in float32; the step is taken along b instead
+    q, r, s, c, eps = 9828.270083489486, 14.511648785230705, 0.021426756558110438, 1.9e-12, 2.1e-4
+    sol = solve_constrained_step(q, r, s, c, eps, 1.0)
+    assert sol.case == StepCase.RECOVERY and sol.recovery_scale == pytest.approx(c / s)
+    _assert_feasible(sol, q, r, s, c, eps)
+
+
+@pytest.mark.parametrize(
+    ("q", "c", "case", "reason"),
+    [
+        (1e-10, -0.05, StepCase.SKIPPED, "reward gradient vanishes"),  # nothing to gain, nothing to fix
+        (0.0, -0.5, StepCase.SKIPPED, "reward gradient vanishes"),
+        (1e-10, 0.05, StepCase.RECOVERY, ""),  # only the constraint to fix: to its boundary
+        (1e-10, 0.5, StepCase.RECOVERY, ""),  # nothing feasible: full radius
+        (-1e-3, 0.05, StepCase.SKIPPED, "not positive definite"),
+    ],
+)
+def test_a_vanishing_reward_gradient(q: float, c: float, case: StepCase, reason: str) -> None:
+    sol = solve_constrained_step(q, 0.0, 1.0, c, 0.01, 1.0)
+    assert sol.case == case and reason in sol.reason, sol
+    assert "not positive" not in sol.reason or q < 0  # a tiny positive q is not "not positive"
+    if case == StepCase.RECOVERY:
+        assert sol.recovery_scale == pytest.approx(min(c, math.sqrt(0.02)) / 1.0, rel=1e-9)
+        _assert_feasible(sol, q, 0.0, 1.0, c, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("s", "c", "case"),
+    [
+        (5e-7, -1e-6, StepCase.CONSTRAINED),  # |b|^2 ~ 0 but H^-1 b is not (ill-conditioned H): b'x reaches 1e-4
+        (5e-7, -1e-3, StepCase.FEASIBLE),  # ... and here the whole region is safe
+        (1e-10, -1e-3, StepCase.FEASIBLE),
+        (1e-10, -1e-7, StepCase.SKIPPED),  # b'H^-1 b ~ 0 too, and c within its reach of 0: cannot tell
+        (0.0, -1e-7, StepCase.FEASIBLE),  # exactly no cost gradient: any step is safe
+    ],
+)
+def test_a_vanishing_cost_gradient_with_a_small_negative_margin(s: float, c: float, case: StepCase) -> None:
+    q, r = 2.0, math.sqrt(2.0 * s) * 0.3
+    sol = solve_constrained_step(q, r, s, c, 0.01, 1e-10)
+    assert sol.case == case, sol
+    if case == StepCase.SKIPPED:
+        assert "cost gradient vanishes" in sol.reason
+    else:
+        _assert_feasible(sol, q, r, s, c, 0.01)
+
+
+def _ill_conditioned(rng: np.random.Generator, dim: int, condition: float) -> np.ndarray:
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return (basis * np.geomspace(1.0, condition, dim)) @ basis.T * 0.01  # eigenvalues 0.01 (damping) ... 0.01 cond
+
+
+def test_ill_conditioned_fisher_steps_are_feasible_and_optimal() -> None:
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        dim = int(rng.integers(2, 8))
+        h = _ill_conditioned(rng, dim, 10 ** rng.uniform(2, 9))
+        g, b = rng.normal(size=dim) * 10 ** rng.uniform(-3, 1), rng.normal(size=dim) * 10 ** rng.uniform(-5, 1)
+        if rng.random() < 0.3:  # nearly colinear gradients
+            g = b * rng.choice([-1, 1]) * 10 ** rng.uniform(-1, 1) + rng.normal(size=dim) * 1e-7
+        hinv_g, hinv_b = np.linalg.solve(h, g), np.linalg.solve(h, b)
+        q, r, s = float(g @ hinv_g), float(g @ hinv_b), float(b @ hinv_b)
+        eps = float(10 ** rng.uniform(-4, -1))
+        c = float(rng.choice([-1, 1]) * math.sqrt(2 * eps * s) * 10 ** rng.uniform(-3, 0.5))
+        sol = solve_constrained_step(q, r, s, c, eps, float(b @ b))
+        if sol.case == StepCase.SKIPPED:  # only for a gradient lost in round-off
+            assert s <= 1e-8 and "cost gradient vanishes" in sol.reason or q <= 1e-8 and c <= 0, sol
+            continue
+        _assert_feasible(sol, q, r, s, c, eps)
+        x = -sol.recovery_scale * hinv_b if sol.case == StepCase.RECOVERY else (hinv_g - sol.nu * hinv_b) / sol.lam
+        reach = math.sqrt(2 * eps * s)
+        # the step as the caller builds it, in float64 with the explicit matrix
+        assert x @ h @ x / 2 <= eps * (1 + 1e-5)
+        if sol.case != StepCase.RECOVERY or c < reach:
+            assert c + b @ x <= 1e-5 * max(abs(c), reach)
+        best = _optimum(q, r, s, c, eps)
+        if best is not None and q > 1e-8:  # below, the reward gradient is taken as 0
+            assert g @ x >= best - 1e-3 * math.sqrt(2 * eps * q)
+
+
+def _consistent_r(q: float, s: float, cosine: float) -> float:
+    """r = cos sqrt(q s), nudged towards 0 until r^2 <= q s holds in floats (any real H gives that)."""
+    r = cosine * math.sqrt(q * s)
+    while r * r > q * s:
+        r = math.nextafter(r, 0.0)
+    return r
+
+
+magnitude = st.one_of(
+    st.just(0.0),
+    st.floats(min_value=-14, max_value=5).map(lambda e: 10.0**e),
+)
+cosines = st.one_of(
+    st.floats(min_value=-1.0, max_value=1.0),
+    st.sampled_from([-1.0, 1.0, 0.0]),
+    st.floats(min_value=-16, max_value=-2).map(lambda e: 1.0 - 10.0**e),
+    st.floats(min_value=-16, max_value=-2).map(lambda e: -1.0 + 10.0**e),
+)
+margins = st.one_of(
+    st.just(0.0),
+    st.tuples(st.sampled_from([-1.0, 1.0]), st.floats(min_value=-14, max_value=3)).map(lambda t: t[0] * 10.0 ** t[1]),
+)
+SKIP_REASONS = ("reward gradient vanishes", "cost gradient vanishes", "along the cost gradient")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(q=magnitude, s=magnitude, cosine=cosines, c=margins, eps=st.floats(-6, 0).map(lambda e: 10.0**e))
+def test_every_step_is_feasible_or_a_stated_skip(q: float, s: float, cosine: float, c: float, eps: float) -> None:
+    r = _consistent_r(q, s, cosine)
+    sol = solve_constrained_step(q, r, s, c, eps, s)
+    reach = math.sqrt(2 * eps * s)
+    if sol.case == StepCase.SKIPPED:
+        assert any(reason in sol.reason for reason in SKIP_REASONS), sol
+        # only where nothing is to be gained or the cost direction is lost in round-off
+        vanishing = q <= 1e-8 or "along the cost gradient" in sol.reason
+        assert s <= 1e-8 or vanishing and c / s <= 0.0, sol
+        return
+    _assert_feasible(sol, q, r, s, c, eps)
+    if c < 0 and reach <= -c:
+        assert sol.case == StepCase.FEASIBLE  # the whole region is safe: the paper's natural step
+    best = None if s == 0.0 else _optimum(q, r, s, c, eps)
+    _, _, objective = _exact_step(sol, q, r, s)
+    if best is None:
+        assert sol.case in (StepCase.RECOVERY, StepCase.FEASIBLE)
+    elif q > 1e-8:
+        assert float(objective) >= best - 1e-3 * math.sqrt(2 * eps * q), (sol, float(objective), best)

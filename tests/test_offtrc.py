@@ -692,8 +692,11 @@ def test_sb3_surface_callbacks_progress_bar_set_env_get_parameters() -> None:
     params = model.get_parameters()
     assert {"policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"} <= set(params)
     model.set_env(CostPendulum(cost_value=2.0))
+    updates = model._n_updates
     model.learn(100, reset_num_timesteps=False)
-    assert model.num_timesteps == 250
+    # the rollout cut at 150 is completed first (update at 200), then one more (update at 300): the
+    # updates stay on multiples of n_steps, as in a run that was never stopped
+    assert model.num_timesteps == 300 and model._n_updates == updates + 2
     assert model.ep_cost_buffer[-1] == pytest.approx(100.0)  # 50 steps x 2.0 in the new env
     with pytest.raises(AssertionError, match="number of environments"):  # SB3's own check
         model.set_env(make_vec_env(lambda: CostPendulum(), n_envs=2))

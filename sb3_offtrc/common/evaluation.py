@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -252,6 +253,36 @@ class SafeEvalCallback(EvalCallback):
         self.last_result: SafeEvalResult | None = None
         self.last_mean_cost = float("nan")
 
+    def _feasible(self, costs: Sequence[float]) -> bool:
+        if self.cost_limit is None:
+            return True
+        metric = (
+            float(np.mean(costs)) if self.constraint_metric == "mean" else empirical_cvar(list(costs), self.cvar_alpha)
+        )
+        return metric <= self.cost_limit
+
+    def restore_history(self, path: str) -> int:
+        """Continue the ``evaluations.npz`` of an earlier run (a resumed one) instead of starting it anew.
+
+        Loads its evaluations (with ``allow_pickle=False``), so that the file this callback writes keeps
+        them, and sets ``best_mean_reward`` to the best feasible one among them, so that ``best_model``
+        is only replaced by a better model. Returns the number of evaluations restored.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in ("timesteps", "results", "ep_lengths", "costs", "cvs")}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path!r} is not an evaluations file of SafeEvalCallback ({exc})") from None
+        self.evaluations_timesteps = arrays["timesteps"].tolist()
+        self.evaluations_results = arrays["results"].tolist()
+        self.evaluations_length = arrays["ep_lengths"].tolist()
+        self.evaluations_costs = arrays["costs"].tolist()
+        self.evaluations_cvs = arrays["cvs"].tolist()
+        for rewards, costs in zip(self.evaluations_results, self.evaluations_costs, strict=True):
+            if self._feasible(costs):
+                self.best_mean_reward = max(self.best_mean_reward, float(np.mean(rewards)))
+        return len(self.evaluations_timesteps)
+
     def _on_step(self) -> bool:
         if not (self.eval_freq > 0 and self.n_calls % self.eval_freq == 0):
             return True
@@ -285,8 +316,7 @@ class SafeEvalCallback(EvalCallback):
                 costs=self.evaluations_costs,
                 cvs=self.evaluations_cvs,
             )
-        metric = result.mean_cost if self.constraint_metric == "mean" else result.cost_cvar
-        feasible = self.cost_limit is None or metric <= self.cost_limit
+        feasible = self._feasible(result.episode_costs)
         if self.verbose >= 1:
             print(
                 f"Eval num_timesteps={self.num_timesteps}, episode_reward={result.mean_reward:.2f} "

@@ -95,6 +95,9 @@ class CostMonitor(gym.Wrapper):
     :param violation_fn: ``violation_fn(cost, info) -> bool``; overrides the two options above.
     :param filename: where to write ``<filename>.costs.csv`` (a directory gets ``costs.csv``);
         ``None`` writes nothing.
+    :param override_existing: ``False`` appends to an existing file (a resumed run) and keeps its
+        ``t_start``, so that ``t`` goes on counting from the first run's start; a missing file or one
+        without a header is written anew. ``True`` (default) rewrites it, as SB3's ``Monitor`` does.
     """
 
     EXT = "costs.csv"
@@ -108,6 +111,7 @@ class CostMonitor(gym.Wrapper):
         violation_threshold: float = 0.0,
         violation_fn: ViolationFn | None = None,
         filename: str | None = None,
+        override_existing: bool = True,
     ) -> None:
         super().__init__(env)
         self.cost_key = cost_key
@@ -119,7 +123,7 @@ class CostMonitor(gym.Wrapper):
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter | None = None
         if filename is not None:
-            self._open(filename)
+            self._open(filename, override_existing)
         self._ep_return = 0.0
         self._ep_length = 0
         self._ep_cost = 0.0
@@ -130,7 +134,7 @@ class CostMonitor(gym.Wrapper):
         self.episode_cvs: list[int] = []
         self.total_steps = 0
 
-    def _open(self, filename: str) -> None:
+    def _open(self, filename: str, override_existing: bool = True) -> None:
         if os.path.isdir(filename):
             path = os.path.join(filename, self.EXT)
         elif filename.endswith(self.EXT):
@@ -138,12 +142,18 @@ class CostMonitor(gym.Wrapper):
         else:
             path = f"{filename}.{self.EXT}"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._file = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
-        env_id = self.env.spec.id if self.env.spec is not None else None
-        self._file.write("#" + json.dumps({"t_start": self.t_start, "env_id": str(env_id)}) + "\n")
-        self._writer = csv.DictWriter(self._file, fieldnames=("r", "l", "t", "c", "cv"))
-        self._writer.writeheader()
-        self._file.flush()
+        t_start = None if override_existing else monitor_t_start(path)
+        if t_start is not None:
+            self.t_start = t_start
+            self._file = open(path, "a", newline="")  # noqa: SIM115 (closed in close())
+            self._writer = csv.DictWriter(self._file, fieldnames=("r", "l", "t", "c", "cv"))
+        else:
+            self._file = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+            env_id = self.env.spec.id if self.env.spec is not None else None
+            self._file.write("#" + json.dumps({"t_start": self.t_start, "env_id": str(env_id)}) + "\n")
+            self._writer = csv.DictWriter(self._file, fieldnames=("r", "l", "t", "c", "cv"))
+            self._writer.writeheader()
+            self._file.flush()
         self.filename = path
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
@@ -235,6 +245,42 @@ class CostMonitor(gym.Wrapper):
 
     def get_total_steps(self) -> int:
         return self.total_steps
+
+
+def monitor_t_start(path: str) -> float | None:
+    """``t_start`` from the JSON header line of a Monitor or CostMonitor file; ``None`` when the file is
+    missing, empty or has no such header (then there is nothing to append to)."""
+    try:
+        with open(path) as handle:
+            first = handle.readline()
+    except OSError:
+        return None
+    if not first.startswith("#"):
+        return None
+    try:
+        header = json.loads(first[1:])
+    except json.JSONDecodeError:
+        return None
+    t_start = header.get("t_start") if isinstance(header, dict) else None
+    return float(t_start) if isinstance(t_start, int | float) else None
+
+
+def _sb3_monitor(env: gym.Env, path: str | None, override_existing: bool) -> gym.Env:
+    """SB3's ``Monitor``, appending to ``<path>.monitor.csv`` when asked and the file has a header.
+
+    SB3's own ``override_existing=False`` appends without a header to a missing file (which its
+    ``load_results`` then rejects) and restarts ``t`` at 0; here a missing file gets a header, and
+    an appended file keeps its ``t_start``.
+    """
+    from stable_baselines3.common.monitor import Monitor
+
+    t_start = None
+    if path is not None and not override_existing:
+        t_start = monitor_t_start(f"{path}.{Monitor.EXT}")
+    monitor: Monitor = Monitor(env, filename=path, override_existing=t_start is None)
+    if t_start is not None:
+        monitor.t_start = t_start
+    return monitor
 
 
 def get_cost_monitor_files(path: str) -> list[str]:
@@ -332,6 +378,7 @@ def make_cost_vec_env(
     vec_env_cls: type | None = None,
     vec_env_kwargs: dict[str, Any] | None = None,
     cost_monitor_kwargs: dict[str, Any] | None = None,
+    override_existing: bool = True,
 ) -> VecEnv:
     """SB3's ``make_vec_env`` with ``CostMonitor(Monitor(env))`` around every copy.
 
@@ -346,8 +393,9 @@ def make_cost_vec_env(
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``.
     :param vec_env_kwargs: passed to the VecEnv class.
     :param cost_monitor_kwargs: passed to :class:`CostMonitor` (``cost_fn``, ``cost_key``, ...).
+    :param override_existing: ``False`` appends to the monitor files already in ``monitor_dir`` (a
+        resumed run), keeping their ``t_start``; ``True`` (default) rewrites them.
     """
-    from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     env_kwargs = env_kwargs or {}
@@ -361,7 +409,8 @@ def make_cost_vec_env(
 
             env = gym.make(env_id, **env_kwargs) if isinstance(env_id, str) else env_id(**env_kwargs)
             path = None if monitor_dir is None else os.path.join(monitor_dir, str(rank))
-            return CostMonitor(Monitor(env, filename=path), filename=path, **cost_kwargs)
+            monitored = _sb3_monitor(env, path, override_existing)
+            return CostMonitor(monitored, filename=path, override_existing=override_existing, **cost_kwargs)
 
         return _init
 

@@ -63,6 +63,34 @@ def save_replay_buffer_npz(buffer: ReplayBuffer, path: str | os.PathLike[str]) -
     return name
 
 
+def check_loaded_replay_buffer(model: Any, path: Any, previous: ReplayBuffer | None) -> None:
+    """After SB3's ``model.load_replay_buffer(path)``: refuse a buffer that does not fit ``model``.
+
+    SB3 puts whatever the pickle holds in place, and a buffer of another class, saved with another
+    number of env copies or for other spaces fails only later, in the middle of ``learn``, with a numpy
+    broadcasting error. Here the model gets ``previous`` back and a ``ValueError`` says what differs.
+    """
+    buffer = model.replay_buffer
+    wanted = model.replay_buffer_class
+    owner = type(model).__name__
+    problem = None
+    if not isinstance(buffer, wanted):
+        problem = f"it holds a {type(buffer).__name__}, {owner} needs a {wanted.__name__}"
+    elif buffer.n_envs != model.n_envs:
+        problem = (
+            f"it was saved with n_envs={buffer.n_envs}, the model has n_envs={model.n_envs}: load it into a model "
+            f"whose env has {buffer.n_envs} cop{'y' if buffer.n_envs == 1 else 'ies'} (or train on with a fresh buffer)"
+        )
+    elif buffer.observation_space != model.observation_space or buffer.action_space != model.action_space:
+        problem = (
+            f"it was saved for observations {buffer.observation_space} and actions {buffer.action_space}, the "
+            f"model has {model.observation_space} and {model.action_space}"
+        )
+    if problem is not None:
+        model.replay_buffer = previous
+        raise ValueError(f"{owner}.load_replay_buffer({os.fspath(path)!r}): {problem}")
+
+
 def load_replay_buffer_npz(buffer: ReplayBuffer, path: str | os.PathLike[str]) -> None:
     """Fill ``buffer`` (already built for the model's spaces and env copies) from a file of
     :func:`save_replay_buffer_npz`; a ``ValueError`` names the path and what does not match."""

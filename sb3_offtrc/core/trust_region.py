@@ -33,10 +33,10 @@ def adaptive_trust_region(max_kl: float, kappa: float) -> float:
 class StepCase(enum.IntEnum):
     """Which branch of the dual produced the step (logged as ``train/step_case``)."""
 
-    SKIPPED = -1  # numerical fault: no step taken, parameters kept
+    SKIPPED = -1  # no step, parameters kept: a numerical fault, or nothing the step could gain (see reason)
     FEASIBLE = 0  # the whole trust region satisfies the constraint: natural-gradient step
     CONSTRAINED = 1  # the constraint plane cuts the trust region: CPO dual
-    RECOVERY = 2  # no feasible point in the trust region: step that only lowers the CVaR
+    RECOVERY = 2  # a step along -H^-1 b only, lowering the CVaR (no feasible point, or nothing else to gain)
 
 
 class StepSolution(NamedTuple):
@@ -47,20 +47,60 @@ class StepSolution(NamedTuple):
     reason: str  # why the step was skipped, "" otherwise
 
 
+#: Below this, q = g'H^-1 g or s = b'H^-1 b counts as zero: the gradient carries no direction.
 _TINY = 1e-8
+#: g and b count as colinear in the Fisher metric when A = q - r^2/s (the part of q outside b's
+#: direction) is below this fraction of q, i.e. when the squared cosine of H^-1 g and H^-1 b exceeds
+#: 1 - 1e-6. Below it the dual's lambda = sqrt(A/B) tends to 0 and nu to r/s, so that the caller's
+#: (H^-1 g - nu H^-1 b) / lambda cancels to float32 round-off and CG error divided by ~0.
+_COLINEAR = 1e-6
 
 
 def _skip(reason: str) -> StepSolution:
     return StepSolution(StepCase.SKIPPED, math.nan, math.nan, 0.0, reason)
 
 
+def _nothing_to_gain(q: float) -> str:
+    return f"the reward gradient vanishes (g'H^-1 g = {q:.3g}) and the policy is feasible: nothing to gain"
+
+
+def _step(case: StepCase, lam: float, nu: float = 0.0) -> StepSolution:
+    return StepSolution(case, lam, nu, 0.0, "")
+
+
+def _recovery(scale: float) -> StepSolution:
+    return StepSolution(StepCase.RECOVERY, math.nan, math.nan, scale, "")
+
+
 def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b_norm_sq: float) -> StepSolution:
     """Closed-form dual of ``max g'x  s.t.  x'Hx/2 <= eps,  c + b'x <= 0`` (CPO, §3.7).
 
-    ``q = g'H^-1 g``, ``r = g'H^-1 b``, ``s = b'H^-1 b``, ``b_norm_sq = |b|^2``. The primal solution is
-    ``x = (H^-1 g - nu H^-1 b) / lam`` or, in the recovery case, ``x = -sqrt(2 eps / s) H^-1 b``.
-    Any numerical fault (NaN/inf, ``q <= 0``, ``s ~ 0`` where it is needed, ``eps = 0``) returns a
-    SKIPPED solution with a reason instead of a NaN step (the authors' code has no such guard).
+    ``q = g'H^-1 g``, ``r = g'H^-1 b``, ``s = b'H^-1 b``, ``b_norm_sq = |b|^2`` (reported when the cost
+    gradient vanishes). The primal solution is ``x = (H^-1 g - nu H^-1 b) / lam`` or, in the recovery
+    case, ``x = -recovery_scale H^-1 b``.
+
+    Contract (tests/test_core_math.py checks it in exact arithmetic): a returned step satisfies
+    ``x'Hx/2 <= eps (1 + 1e-6)`` and ``c + b'x <= 1e-6 max(|c|, sqrt(2 eps s))`` (``sqrt(2 eps s)`` is
+    the most ``b'x`` can change inside the trust region), except the full-radius recovery step
+    ``recovery_scale = sqrt(2 eps / s)``, returned only when no point of the region is feasible
+    (``c >= sqrt(2 eps s)``). The corner cases:
+
+    - the whole region is feasible (``c < 0`` and ``sqrt(2 eps s) <= -c``, which includes a vanishing
+      cost gradient): the natural step (FEASIBLE), as in the paper. The authors' test ``|b|^2 <= 1e-8``
+      is not used: with an ill-conditioned H, ``s`` can be far larger than ``|b|^2`` and the natural
+      step then crosses a constraint that is only just satisfied;
+    - ``s <= 1e-8`` otherwise: SKIPPED, "cost gradient vanishes" (its direction is round-off);
+    - ``q <= 1e-8`` (the reward gradient vanishes; a negative ``q`` below ``-1e-8`` is a fault of H or CG):
+      the reward gradient is taken as 0, so the step is the smallest that satisfies the constraint:
+      none when ``c <= 0`` (SKIPPED), ``-(c/s) H^-1 b`` to the constraint boundary when ``c > 0``
+      (RECOVERY), the full-radius recovery step when nothing is feasible;
+    - g and b colinear in the H metric (``q - r^2/s <= 1e-6 q``): the step along ``H^-1 b`` that the
+      exact dual tends to, without the vanishing ``lambda``: the natural step shortened to the
+      constraint boundary when the reward rises along b and ``c < 0`` (CONSTRAINED, ``nu = 0``),
+      ``-(c/s) H^-1 b`` when it rises along b and ``c > 0`` (RECOVERY), no step at ``c = 0`` (SKIPPED),
+      the natural step when the reward falls along b (CONSTRAINED, ``nu = 0``);
+    - any other numerical fault (NaN/inf, ``eps = 0``, negative ``q`` or ``s``) is SKIPPED with a
+      reason instead of a NaN step (the authors' code has no such guard).
     """
     values = {"q": q, "r": r, "s": s, "c": c, "eps": eps, "|b|^2": b_norm_sq}
     bad = [name for name, value in values.items() if not math.isfinite(value)]
@@ -68,22 +108,46 @@ def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b
         return _skip(f"non-finite {', '.join(bad)} (conjugate gradient diverged?)")
     if eps <= 1e-12:  # below this the step underflows
         return _skip("trust region radius is zero (behaviour data too far from the policy)")
-    if q <= _TINY:
-        return _skip(f"g'H^-1 g = {q:.3g} is not positive (vanishing or indefinite reward gradient)")
+    for name, value, grad in (("g'H^-1 g", q, "reward"), ("b'H^-1 b", s, "cost")):
+        if value < -_TINY:
+            return _skip(
+                f"{name} = {value:.3g} < 0: the Fisher-vector product is not positive definite along the "
+                f"{grad} gradient (or conjugate gradient failed)"
+            )
 
-    lam_natural = math.sqrt(q / (2.0 * eps))
-    if c < 0.0 and b_norm_sq <= _TINY:
-        return StepSolution(StepCase.FEASIBLE, lam_natural, 0.0, 0.0, "")
+    reach = math.sqrt(2.0 * eps * max(s, 0.0))  # max of |b'x| over the trust region
+    reward_vanishes = q <= _TINY
+    if c < 0.0 and reach <= -c:  # = the paper's "c < 0 and B <= 0": every point of the region is feasible
+        if reward_vanishes:
+            return _skip(_nothing_to_gain(q))
+        return _step(StepCase.FEASIBLE, math.sqrt(q / (2.0 * eps)))
     if s <= _TINY:
-        return _skip(f"b'H^-1 b = {s:.3g} is ~0 while the constraint is active (vanishing cost gradient)")
+        return _skip(
+            f"the cost gradient vanishes (b'H^-1 b = {s:.3g}, |b|^2 = {b_norm_sq:.3g}) while the constraint is "
+            f"violated or within reach of its limit (c = {c:.3g})"
+        )
+    if c >= reach:  # the paper's "c >= 0 and B <= 0": no point of the region is feasible
+        return _recovery(math.sqrt(2.0 * eps / s))
+    # From here on |c| < reach: the constraint plane cuts the trust region (B > 0).
+    if reward_vanishes:
+        if c / s <= 0.0:  # c <= 0, or a positive c so small that the step underflows
+            return _skip(_nothing_to_gain(q))
+        return _recovery(c / s)
+    lam_natural = math.sqrt(q / (2.0 * eps))
+    big_a = q - r * r / s
+    if big_a <= _COLINEAR * q:
+        if r < 0.0:  # the natural step lowers the cost too; it is feasible since c < reach
+            return _step(StepCase.CONSTRAINED, lam_natural)
+        if c < 0.0:  # up the cost gradient to the constraint boundary: b'x = r / lam = -c
+            return _step(StepCase.CONSTRAINED, max(lam_natural, -r / c))
+        if c / s > 0.0:  # every reward gain costs CVaR: only back to the boundary
+            return _recovery(c / s)
+        return _skip(
+            f"the reward gradient points along the cost gradient and the constraint is at its limit (c = {c:.3g}): "
+            "no step raises the reward without raising the CVaR"
+        )
 
     big_b = 2.0 * eps - c * c / s
-    if big_b <= 0.0:
-        if c < 0.0:
-            return StepSolution(StepCase.FEASIBLE, lam_natural, 0.0, 0.0, "")
-        return StepSolution(StepCase.RECOVERY, math.nan, math.nan, math.sqrt(2.0 * eps / s), "")
-
-    big_a = max(q - r * r / s, _TINY)  # >= 0 by Cauchy-Schwarz; floored against round-off
     # Split lam >= 0 at the point where lam c + r changes sign (nu > 0 on one side only).
     if abs(c) > _TINY:
         boundary = max(0.0, -r / c)
@@ -109,7 +173,7 @@ def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b
     if not (lam > 0.0 and math.isfinite(lam)):
         return _skip(f"dual gave lambda = {lam}")
     nu = max(0.0, lam * c + r) / s
-    return StepSolution(StepCase.CONSTRAINED, lam, nu, 0.0, "")
+    return _step(StepCase.CONSTRAINED, lam, nu)
 
 
 def kl_hessian_vector_product(

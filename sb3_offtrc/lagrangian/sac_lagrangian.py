@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import pathlib
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -14,6 +16,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
+from sb3_offtrc.common.replay_buffer_io import check_loaded_replay_buffer
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, resolve_env_string
 from sb3_offtrc.lagrangian.buffers import LagrangianReplayBuffer
 from sb3_offtrc.lagrangian.common import EpisodeCostTracker, LagrangeMultiplier, costs_from_infos
@@ -285,6 +288,13 @@ class SACLagrangian(CostReturnLimitMixin, SAC):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """SB3's ``load_replay_buffer``, which unpickles ``path`` (load only files you trust); a buffer that
+        does not fit this model (class, number of env copies, spaces) is refused with a ``ValueError``."""
+        previous = self.replay_buffer
+        super().load_replay_buffer(path, truncate_last_traj)
+        check_loaded_replay_buffer(self, path, previous)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "cost_critic", "cost_critic_target", "_cost_tracker"]

@@ -27,6 +27,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Rollout
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
+from sb3_offtrc.common.replay_buffer_io import check_loaded_replay_buffer
 from sb3_offtrc.core import (
     StepCase,
     SurrogateConstants,
@@ -373,6 +374,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # comes from a generator seeded by torch's, so SB3's seeding still fixes every sample.
         self._rollout_actor = NumpyActor.snapshot(self.policy)
         self._rollout_rng = np.random.default_rng(int(th.randint(0, 2**62, (1,)).item()))
+        collected = self.num_timesteps % self.n_steps
+        if collected:
+            # Resumed mid-rollout (an interrupted run, a checkpoint saved between updates): collect only
+            # what this rollout lacks, so that the updates fall on the same env steps (multiples of
+            # n_steps) as in a run that was never stopped, and a budget that is such a multiple is met
+            # exactly instead of up to n_steps past it.
+            remaining = -(-(self.n_steps - collected) // self.n_envs)  # ceil: whole steps of every copy
+            train_freq = TrainFreq(remaining, train_freq.unit)
         try:
             return super().collect_rollouts(
                 env, callback, train_freq, replay_buffer, action_noise, learning_starts, log_interval
@@ -896,6 +905,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             force_reset=force_reset,
             **kwargs,
         )
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """SB3's ``load_replay_buffer``, which unpickles ``path`` (load only files you trust); a buffer that
+        does not fit this model (class, number of env copies, spaces) is refused with a ``ValueError``."""
+        previous = self.replay_buffer
+        super().load_replay_buffer(path, truncate_last_traj)
+        check_loaded_replay_buffer(self, path, previous)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_behaviour", "_rollout_actor", "_rollout_rng"]
