@@ -180,6 +180,7 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
 def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_path: Path) -> None:
     """A preset's variant (e.g. offtrc_cpu_fisher0.2) instantiates OffTRC with the variant's settings."""
     run = _load("run")
+    grid = _load("grid")
     variant = "offtrc_cpu_fisher0.2"
     assert run.PRESET_CHECK.variants[variant] == "offtrc"
     proc = _run(
@@ -191,7 +192,7 @@ def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_pat
     summary = json.loads(line)
     assert summary["algo"] == variant and summary["algo_class"] == "sb3_offtrc.offtrc.OffTRC"
     assert summary["hyperparams"]["fisher_fraction"] == 0.2
-    assert summary["hyperparams"] == {**run._CPU_5PASSES, "max_kl": 0.01, "fisher_fraction": 0.2}
+    assert summary["hyperparams"] == {**grid._CPU_5PASSES, "max_kl": 0.01, "fisher_fraction": 0.2}
     assert (tmp_path / "HazardPoint-v0" / variant / "seed0" / "summary.json").exists()
 
 
