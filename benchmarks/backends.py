@@ -123,7 +123,7 @@ def run_ray(specs: list[RunSpec], address: str | None, workers: int) -> Iterator
     # Every worker gets one torch / OpenMP thread (run_one also sets torch's), as a local worker does,
     # and this machine's MuJoCo backend, whatever the environment `ray start` was run in.
     env_vars = {"OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    task = ray.remote(run_to_files).options(num_cpus=1, runtime_env={"env_vars": env_vars})
+    task = ray.remote(num_cpus=1, runtime_env={"env_vars": env_vars})(run_to_files)
     pending: dict[Any, RunSpec] = {}
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
