@@ -310,7 +310,7 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
 )
 def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:
     """Renaming a configuration (e.g. when a preset changes) must keep each committed run under a name
-    whose definition in run.py is what the run used: the report labels it so, and a rerun skips it."""
+    whose definition in grid.py is what the run used: the report labels it so, and a rerun skips it."""
     run = _load("run")
     grid = getattr(run, preset)
     out = BENCH / "results" / results
@@ -319,7 +319,7 @@ def test_committed_runs_were_made_with_the_present_definitions(results: str, pre
     for line in lines:
         summary = json.loads(line)
         algo, env_id, seed = summary["algo"], summary["env_id"], summary["seed"]
-        assert algo in grid.hyperparams, f"{results}: {summary['key']} has no definition in run.py"
+        assert algo in grid.hyperparams, f"{results}: {summary['key']} has no definition in grid.py"
         specs = run.expand(grid, out, [algo], [env_id], [seed], summary["budget"])
         (spec,) = [spec for spec in specs if spec.key == summary["key"]]
         # the resume check itself: same budget and hyperparameters in the run's summary.json

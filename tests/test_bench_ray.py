@@ -127,7 +127,7 @@ def _without_times(path: Path) -> pd.DataFrame:
 def test_ray_backend_writes_what_the_local_backend_writes(tmp_path: Path) -> None:
     """Same seeds, same results: each backend's episode logs, curves and logger output agree."""
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    proc = _run("benchmarks/run.py", *TINY, "--train-log", "--workers", "2", "--out", str(local))
+    proc = _run("benchmarks/run.py", *TINY, "--train-log", "--workers", "1", "--out", str(local))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = _run("benchmarks/run.py", *TINY, "--train-log", "--workers", "2", "--out", str(on_ray), "--backend", "ray")
     assert proc.returncode == 0, proc.stdout + proc.stderr
