@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -125,6 +126,12 @@ def run_ray(specs: list[RunSpec], address: str | None, workers: int) -> Iterator
     env_vars = {"OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     task = ray.remote(num_cpus=1, runtime_env={"env_vars": env_vars})(run_to_files)
     pending: dict[Any, RunSpec] = {}
+    for spec in specs:
+        # What an earlier attempt left (or, with --force, the finished run whose runs.jsonl record
+        # run.py has just dropped) goes now, as a local run's does when it starts: the results never
+        # hold a summary.json that the run about to replace it has made stale.
+        if spec.run_dir.exists():
+            shutil.rmtree(spec.run_dir)
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"

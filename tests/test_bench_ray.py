@@ -13,10 +13,12 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,12 +79,13 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
     if not RAY_IMPORTABLE:
         pytest.skip("Ray is not installed (the `cluster` extra)")
     ray_cli = Path(sys.executable).with_name("ray")
-    # Ray's socket paths must stay short: a temp dir of its own directly under /tmp
-    temp_dir = Path(tmp_path_factory.mktemp("raycluster"))
+    # Ray's socket paths (<temp dir>/session_<date>_<pid>/sockets/plasma_store) must stay under
+    # 108 bytes: a temp dir of its own right in the system's, not pytest's deeper one
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
     log = temp_dir / "ray_start.log"
     port = _free_port()
     # a token of its own: the test cluster neither needs nor touches ~/.ray/auth_token
@@ -113,6 +116,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # the session this fixture started, and only it
             process.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _without_times(path: Path) -> pd.DataFrame:
@@ -190,6 +194,11 @@ def test_a_run_that_raises_is_reported_with_its_key_and_the_others_finish(cluste
 @needs_ray
 def test_ctrl_c_cancels_the_cluster_tasks(cluster: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    # an earlier attempt at another budget: not finished for this grid, so it is redone, and its
+    # files must not outlive the interruption as if they were this run's
+    stale = out / "HazardPoint-v0" / "offtrc" / "seed0"
+    stale.mkdir(parents=True)
+    (stale / "summary.json").write_text(json.dumps({"budget": 10, "hyperparams": {}}))
     driver = subprocess.Popen(
         [
             sys.executable, "benchmarks/run.py", "--quick", "--algos", "ppo_lag", "offtrc", "--budget", "500000",
@@ -217,6 +226,7 @@ def test_ctrl_c_cancels_the_cluster_tasks(cluster: Cluster, tmp_path: Path) -> N
     assert "cancelled 2 of 2 unfinished run(s) on the cluster" in stdout
     assert "interrupted: 2 run(s) unfinished" in stderr
     assert not list(out.rglob("summary.json")) and not (out / "runs.jsonl").exists()
+    assert not stale.exists()
     deadline = time.monotonic() + 30
     while cluster.worker_titles():  # the tasks' workers are gone, the cluster itself stays up
         assert time.monotonic() < deadline, cluster.worker_titles()
