@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from grid import RunSpec
@@ -81,7 +81,7 @@ def _run_safely(spec: RunSpec) -> dict[str, Any]:
         return {"key": spec.key, "error": traceback.format_exc()}
 
 
-def run_local(specs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
+def run_local(specs: list[RunSpec], workers: int) -> Generator[dict[str, Any], None, None]:
     """The runs on this machine, ``workers`` at a time."""
     if workers <= 1:
         for spec in specs:
@@ -108,7 +108,7 @@ def ray_missing() -> str | None:
     return None
 
 
-def run_ray(specs: list[RunSpec], address: str | None, workers: int) -> Iterator[dict[str, Any]]:
+def run_ray(specs: list[RunSpec], address: str | None, workers: int) -> Generator[dict[str, Any], None, None]:
     """The runs as Ray tasks on the cluster at ``address`` (``auto``, ``HOST:PORT``), or on a Ray
     instance started here with ``workers`` CPUs when ``address`` is None.
 
