@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Extra pip arguments for the torch step only (e.g. an --index-url for a CPU-only wheel index).
 TORCH_PIP_ARGS ?=
 SAFETY_GYMNASIUM_SPEC ?= safety-gymnasium==1.0.0
-EXTRAS ?= safety,video,zoo,dev
+EXTRAS ?= safety,video,zoo,cluster,dev
 # Headless rendering for Safety-Gymnasium (Mesa's EGL works without a display or GPU).
 export MUJOCO_GL ?= egl
 # Tests: one torch thread per pytest-xdist worker, so the workers do not oversubscribe the cores.

@@ -177,7 +177,7 @@ def summarise(records: list[dict[str, float]], skip: int) -> dict[str, float]:
 
 def run(env_id: str, seed: int, steps: int, configs: list[str], skip: int, hyperparams: dict[str, Any]) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import make_env  # the benchmark harness's env construction
+    from onerun import make_env  # the benchmark harness's env construction
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     env = DummyVecEnv([lambda: make_env(env_id, seed)])

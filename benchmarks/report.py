@@ -47,7 +47,7 @@ LABELS = {
     "ppo": "PPO",
     # the previous cpu preset (5 critic passes), the one before it (5 passes, Fisher products on a
     # fifth of the states) and, in the preset check, one-change variants of that one
-    # (benchmarks/run.py CPU_VARIANTS)
+    # (benchmarks/grid.py CPU_VARIANTS)
     "offtrc_cpu_5passes": "previous cpu preset (5 critic passes)",
     "offtrc_cpu_fisher0.2": "cpu preset before that (Fisher on a fifth)",
     "offtrc_cpu_fisher0.5": "preset before that, Fisher on half the states",
@@ -60,7 +60,7 @@ LABELS = {
     "offtrc_cpu_pi512": "5-pass preset, 2 x 512 actor",
     "offtrc_cpu_vf512": "5-pass preset, 2 x 512 critics",
     "offtrc_cpu_nets512": "5-pass preset, 2 x 512 actor and critics",
-    # the learning study (run.py LEARN_VARIANTS): the cpu preset with one lever changed at a time
+    # the learning study (grid.py LEARN_VARIANTS): the cpu preset with one lever changed at a time
     "kl0.01_fixed": "OffTRC, max_kl 0.01 fixed",
     "kl0.03_fixed": "OffTRC, max_kl 0.03 fixed",
     "kl0.01_adaptive": "OffTRC, max_kl 0.01 adaptive",

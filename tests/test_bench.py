@@ -180,6 +180,7 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
 def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_path: Path) -> None:
     """A preset's variant (e.g. offtrc_cpu_fisher0.2) instantiates OffTRC with the variant's settings."""
     run = _load("run")
+    grid = _load("grid")
     variant = "offtrc_cpu_fisher0.2"
     assert run.PRESET_CHECK.variants[variant] == "offtrc"
     proc = _run(
@@ -191,7 +192,7 @@ def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_pat
     summary = json.loads(line)
     assert summary["algo"] == variant and summary["algo_class"] == "sb3_offtrc.offtrc.OffTRC"
     assert summary["hyperparams"]["fisher_fraction"] == 0.2
-    assert summary["hyperparams"] == {**run._CPU_5PASSES, "max_kl": 0.01, "fisher_fraction": 0.2}
+    assert summary["hyperparams"] == {**grid._CPU_5PASSES, "max_kl": 0.01, "fisher_fraction": 0.2}
     assert (tmp_path / "HazardPoint-v0" / variant / "seed0" / "summary.json").exists()
 
 
@@ -309,7 +310,7 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
 )
 def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:
     """Renaming a configuration (e.g. when a preset changes) must keep each committed run under a name
-    whose definition in run.py is what the run used: the report labels it so, and a rerun skips it."""
+    whose definition in grid.py is what the run used: the report labels it so, and a rerun skips it."""
     run = _load("run")
     grid = getattr(run, preset)
     out = BENCH / "results" / results
@@ -318,7 +319,7 @@ def test_committed_runs_were_made_with_the_present_definitions(results: str, pre
     for line in lines:
         summary = json.loads(line)
         algo, env_id, seed = summary["algo"], summary["env_id"], summary["seed"]
-        assert algo in grid.hyperparams, f"{results}: {summary['key']} has no definition in run.py"
+        assert algo in grid.hyperparams, f"{results}: {summary['key']} has no definition in grid.py"
         specs = run.expand(grid, out, [algo], [env_id], [seed], summary["budget"])
         (spec,) = [spec for spec in specs if spec.key == summary["key"]]
         # the resume check itself: same budget and hyperparameters in the run's summary.json

@@ -1,0 +1,392 @@
+"""What the benchmark grid runs: the algorithms, the presets (blocks of algorithms x tasks x seeds at
+an env-step budget, with per-algorithm hyperparameters) and their expansion into one ``RunSpec`` per
+(algorithm, task, seed).
+
+How one run is done is in ``onerun.py``, where runs execute (a local process pool, Ray) in
+``backends.py``; ``run.py`` is the command line. A new preset or arm goes here, and into the
+command line's preset flags if it is a new grid.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# the scripts live outside the package: make `import sb3_offtrc` work from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sb3_offtrc.offtrc.presets import get_preset  # noqa: E402
+
+#: name -> (module, class). Swapping the algorithm swaps only this.
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "offtrc": ("sb3_offtrc.offtrc", "OffTRC"),
+    "sac": ("stable_baselines3", "SAC"),
+    "ppo": ("stable_baselines3", "PPO"),
+    "sac_lag": ("sb3_offtrc.lagrangian", "SACLagrangian"),
+    "ppo_lag": ("sb3_offtrc.lagrangian", "PPOLagrangian"),
+    # OffTRC with the CPU preset (sb3_offtrc.offtrc.presets.CPU): same class, other hyperparameters
+    "offtrc_cpu": ("sb3_offtrc.offtrc", "OffTRC"),
+}
+#: algorithms that take ``cost_limit`` (the others only see it in the report)
+CONSTRAINED = {"offtrc", "offtrc_cpu", "sac_lag", "ppo_lag"}
+#: the quick grid keeps to the library's algorithms; offtrc_cpu is compared in the full grid
+_QUICK_ALGOS = ["offtrc", "sac", "ppo", "sac_lag", "ppo_lag"]
+
+
+@dataclass
+class Block:
+    """One rectangle of the grid: every algo x env x seed in it runs at ``budget`` env steps."""
+
+    algos: list[str]
+    envs: list[str]
+    seeds: list[int]
+    budget: int
+
+
+@dataclass
+class Preset:
+    name: str
+    blocks: list[Block]
+    cost_limit: float  # per-step d; the episode limit is d * episode length
+    eval_freq: int
+    n_eval_episodes: int
+    cvar_alpha: float = 0.125
+    #: per-algorithm constructor kwargs (the cost limit is added for the constrained ones)
+    hyperparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: extra algorithm names this preset defines -> the entry of ALGORITHMS they instantiate
+    #: (same class, the hyperparameters under the extra name)
+    variants: dict[str, str] = field(default_factory=dict)
+
+    def algos(self) -> list[str]:
+        """Every algorithm name the preset's blocks use, in order."""
+        return list(dict.fromkeys(algo for block in self.blocks for algo in block.algos))
+
+
+_SMALL_NET = [64, 64]
+
+QUICK = Preset(
+    name="quick",
+    blocks=[Block(algos=_QUICK_ALGOS, envs=["HazardPoint-v0"], seeds=[0], budget=8_000)],
+    cost_limit=0.025,  # HazardPoint: episode limit 2.5 hazard steps, straight line costs ~10
+    eval_freq=2_000,
+    n_eval_episodes=5,
+    hyperparams={
+        # small networks and short update intervals so that the whole grid fits CI time
+        "offtrc": {
+            "n_steps": 500,
+            "n_recent": 500,
+            "n_batch": 2_000,
+            "buffer_size": 8_000,
+            "n_critic_epochs": 20,
+            "max_kl": 0.01,
+            "policy_kwargs": {"net_arch": _SMALL_NET},
+        },
+        "sac": {"learning_starts": 500, "batch_size": 64, "policy_kwargs": {"net_arch": _SMALL_NET}},
+        "sac_lag": {
+            "learning_starts": 500,
+            "batch_size": 64,
+            "lagrangian_lr": 3e-3,
+            "policy_kwargs": {"net_arch": _SMALL_NET},
+        },
+        "ppo": {"n_steps": 1_000, "batch_size": 100, "policy_kwargs": {"net_arch": _SMALL_NET}},
+        "ppo_lag": {"n_steps": 1_000, "batch_size": 100, "policy_kwargs": {"net_arch": _SMALL_NET}},
+    },
+)
+
+#: The cpu preset as it was before it took 10 critic passes per update: 5 (docs/speed.md). Its runs
+#: are kept, next to the present preset's, under the name offtrc_cpu_5passes; the variants below
+#: that undo one of its savings were built on it.
+_CPU_5PASSES = {**get_preset("cpu"), "n_critic_epochs": 5}
+#: ... and as it was before that, when it also took the Fisher-vector products on a random fifth of
+#: the states (docs/speed.md). Its runs are kept under the name offtrc_cpu_fisher0.2.
+_PREVIOUS_CPU = {**_CPU_5PASSES, "fisher_fraction": 0.2}
+#: The paper's critic fit (100 full-batch Adam steps at 3e-4), to put back into a cpu preset.
+_PAPER_CRITIC_FIT = {"n_critic_epochs": 100, "critic_batch_size": None, "learning_rate": 3e-4}
+
+#: OffTRC variants of the full grid: the two previous cpu presets, and the 5-pass one with some of
+#: its savings undone, run to find which of them cost the extra hazard steps on SafetyPointGoal1-v0
+#: (the answer, 10 critic passes instead of 5, became the present preset).
+FULL_VARIANTS: dict[str, dict[str, Any]] = {
+    "offtrc_cpu_5passes": _CPU_5PASSES,
+    "offtrc_cpu_fisher0.2": _PREVIOUS_CPU,
+    # the paper's critic fit (100 full-batch steps at 3e-4) on the preset's 128-wide critics
+    "offtrc_cpu_fullfit": {**_CPU_5PASSES, **_PAPER_CRITIC_FIT},
+    # the paper's 2 x 512 actor with the preset's 128-wide critics and their 5-pass minibatch fit
+    "offtrc_cpu_pi512": {**_CPU_5PASSES, "policy_kwargs": {"net_arch": {"pi": [512, 512], "vf": [128, 128]}}},
+    # the paper's 2 x 512 critics, fitted by 5 passes of 500-sample minibatches
+    "offtrc_cpu_vf512": {**_CPU_5PASSES, "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [512, 512]}}},
+    # both: the paper's networks, fitted by 5 passes of 500-sample minibatches
+    "offtrc_cpu_nets512": {**_CPU_5PASSES, "policy_kwargs": {"net_arch": [512, 512]}},
+}
+
+FULL = Preset(
+    name="full",
+    blocks=[
+        # the issue's grid: native 0/1 cost, episode limit 25 (d = 0.025 x 1000 steps)
+        Block(algos=list(ALGORITHMS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+        Block(algos=list(ALGORITHMS), envs=["SafetyCarGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+        Block(algos=list(ALGORITHMS), envs=["OffTRC/HalfCheetahFlip-v4"], seeds=[0, 1, 2], budget=100_000),
+        # training violations vary a lot from seed to seed: more seeds of the cpu preset to compare
+        # them with the paper's settings (docs/benchmarks.md); the 5-pass preset on seeds 0-19
+        Block(algos=["offtrc_cpu"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 20)), budget=100_000),
+        Block(
+            algos=["offtrc_cpu_5passes"],
+            envs=["SafetyPointGoal1-v0", "SafetyCarGoal1-v0", "OffTRC/HalfCheetahFlip-v4"],
+            seeds=[0, 1, 2],
+            budget=100_000,
+        ),
+        Block(algos=["offtrc_cpu_5passes"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 20)), budget=100_000),
+        # ... and of the paper's settings (75-110 minutes per run here)
+        Block(algos=["offtrc"], envs=["SafetyPointGoal1-v0"], seeds=list(range(3, 14)), budget=100_000),
+        # the cpu preset before that (5 passes, Fisher products on a fifth of the states)
+        Block(
+            algos=["offtrc_cpu_fisher0.2"],
+            envs=["SafetyPointGoal1-v0", "SafetyCarGoal1-v0", "OffTRC/HalfCheetahFlip-v4"],
+            seeds=[0, 1, 2],
+            budget=100_000,
+        ),
+        # which of the preset's three remaining savings costs the extra hazard steps on this task: the
+        # paper's critic fit, the paper's 2 x 512 actor or its 2 x 512 critics, each put back on its own
+        Block(
+            algos=["offtrc_cpu_fullfit", "offtrc_cpu_pi512", "offtrc_cpu_vf512"],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0, 1, 2, 3],
+            budget=100_000,
+        ),
+        # the paper's actor and critic widths together, with the preset's critic fit
+        Block(algos=["offtrc_cpu_nets512"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2, 3], budget=100_000),
+        # longer OffTRC runs to show the trend: the three cpu presets (about half an hour each here)
+        # and the paper's settings (about six hours on this 2-core machine)
+        Block(algos=["offtrc_cpu", "offtrc_cpu_5passes"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
+        Block(algos=["offtrc_cpu_fisher0.2"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
+        Block(algos=["offtrc"], envs=["SafetyPointGoal1-v0"], seeds=[100], budget=500_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=10_000,
+    n_eval_episodes=10,
+    hyperparams={
+        # library defaults (OffTRC: the authors' settings), nothing tuned per environment
+        "offtrc": {},
+        "offtrc_cpu": get_preset("cpu"),
+        **FULL_VARIANTS,
+        "sac": {},
+        "sac_lag": {},
+        "ppo": {},
+        "ppo_lag": {},
+    },
+    variants={name: "offtrc" for name in FULL_VARIANTS},
+)
+
+#: OffTRC's cpu preset against the paper's settings where OffTRC learns within minutes: the
+#: preset changes only compute (network width, critic fit), so both get the same larger trust
+#: region (max_kl 0.01, as the HazardPoint learning check) and everything else as is.
+#: ``offtrc_cpu_5passes`` is the previous preset (5 critic passes), the ``offtrc_cpu_fisher0.2*``
+#: variants the one before it (5 passes, Fisher products on a fifth of the states) and one-change
+#: variants of that, run to find which of its savings cost learning; they take under a minute per
+#: run, the paper's settings twenty minutes.
+_CPU_CHECK = {**get_preset("cpu"), "max_kl": 0.01}
+_PREVIOUS_CHECK = {**_PREVIOUS_CPU, "max_kl": 0.01}
+CPU_VARIANTS: dict[str, dict[str, Any]] = {
+    # the previous preset: 5 critic passes
+    "offtrc_cpu_5passes": {**_CPU_5PASSES, "max_kl": 0.01},
+    # the one before: the Fisher-vector products on a random fifth of the states
+    "offtrc_cpu_fisher0.2": _PREVIOUS_CHECK,
+    # ... and on half of them
+    "offtrc_cpu_fisher0.5": {**_PREVIOUS_CHECK, "fisher_fraction": 0.5},
+    # ... with twice the critic passes
+    "offtrc_cpu_fisher0.2_10passes": {**_PREVIOUS_CHECK, "n_critic_epochs": 10},
+    # ... with the paper's critic learning rate
+    "offtrc_cpu_fisher0.2_lr3e-4": {**_PREVIOUS_CHECK, "learning_rate": 3e-4},
+    # ... with 256-wide networks (a quarter of the paper's multiply-adds per layer instead of 1/16)
+    "offtrc_cpu_fisher0.2_256": {
+        **_PREVIOUS_CHECK,
+        "policy_kwargs": {"net_arch": {"pi": [256, 256], "vf": [256, 256]}},
+    },
+    # ... with the paper's critic fit (100 full-batch steps at 3e-4) on the 128-wide networks
+    "offtrc_cpu_fisher0.2_fullfit": {**_PREVIOUS_CHECK, **_PAPER_CRITIC_FIT},
+}
+PRESET_CHECK = Preset(
+    name="preset_check",
+    blocks=[
+        Block(algos=["offtrc"], envs=["HazardPoint-v0"], seeds=[0, 1, 2, 3, 4], budget=30_000),
+        Block(algos=["offtrc_cpu", *CPU_VARIANTS], envs=["HazardPoint-v0"], seeds=list(range(10)), budget=30_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=3_000,
+    n_eval_episodes=10,
+    hyperparams={"offtrc": {"max_kl": 0.01}, "offtrc_cpu": _CPU_CHECK, **CPU_VARIANTS},
+    variants={name: "offtrc" for name in CPU_VARIANTS},
+)
+
+#: The learning study (issue: OffTRC learns). Every arm starts from the cpu preset and changes one
+#: lever at a time; an arm may also set how its env is built under the reserved key ``"env"``
+#: (``n_envs``, ``normalize_obs``, ``cost``: see :func:`make_train_env`). Short evaluations (5
+#: episodes every 20k steps) keep a 100k-step run near four minutes here.
+_LEARN_BASE = get_preset("cpu")
+LEARN_VARIANTS: dict[str, dict[str, Any]] = {
+    "offtrc_cpu": _LEARN_BASE,
+    # a ten times larger trust region, fixed (no shrinking by the buffer's behaviour KL)
+    "kl0.01_fixed": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False},
+    "kl0.03_fixed": {**_LEARN_BASE, "max_kl": 0.03, "adaptive_trust_region": False},
+    "kl0.01_adaptive": {**_LEARN_BASE, "max_kl": 0.01},
+    # the authors' torch setup: five env copies (each recent window then holds five episodes' worth
+    # of 200 steps instead of one 1000-step stretch)
+    "kl0.01_fixed_n5": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False, "env": {"n_envs": 5}},
+    # ... and the paper's training cost (smooth hazard distance) and scaled observations (running
+    # mean/std, SB3's VecNormalize)
+    "kl0.01_fixed_n5_smooth_norm": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
+    # ... with the paper's own scaled 24-dim observation instead of the running normalisation
+    "kl0.01_fixed_n5_smooth_paperobs": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "observation": "paper"},
+    },
+    # ... with the cost gradient shrunk to the share two halves of the batch agree on
+    "kl0.01_fixed_n5_smooth_norm_shrink": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
+    "kl0.01_fixed_shrink": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+    },
+    # ... with the larger radius
+    "kl0.03_fixed_n5_smooth_norm": {
+        **_LEARN_BASE,
+        "max_kl": 0.03,
+        "adaptive_trust_region": False,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
+    # the surrogates' baseline inside the importance weight (OffTRC(weighted_baseline=True)), on
+    # the two arms that led at 1M steps
+    "kl0.01_fixed_wb": {**_LEARN_BASE, "max_kl": 0.01, "adaptive_trust_region": False, "weighted_baseline": True},
+    "kl0.01_fixed_n5_smooth_norm_shrink_wb": {
+        **_LEARN_BASE,
+        "max_kl": 0.01,
+        "adaptive_trust_region": False,
+        "cost_gradient_shrinkage": True,
+        "weighted_baseline": True,
+        "env": {"n_envs": 5, "cost": "smooth", "normalize_obs": True},
+    },
+}
+LEARN = Preset(
+    name="learn",
+    blocks=[
+        Block(algos=list(LEARN_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=100_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=20_000,
+    n_eval_episodes=5,
+    hyperparams=dict(LEARN_VARIANTS),
+    variants={name: "offtrc" for name in LEARN_VARIANTS if name != "offtrc_cpu"},
+)
+
+#: The two arms of the learning study that led at 100k steps, at the issue's budget of 1M steps
+#: (about 35 minutes each here): the largest return (fixed radius 0.01) and the fewest violations
+#: (the paper's task setup with the shrunk cost gradient). Ten evaluation episodes every 50k steps.
+LEARN_1M = Preset(
+    name="learn_1m",
+    blocks=[
+        Block(
+            algos=[
+                "kl0.01_fixed",
+                "kl0.01_fixed_n5_smooth_norm_shrink",
+                "kl0.01_fixed_wb",
+                "kl0.01_fixed_n5_smooth_norm_shrink_wb",
+            ],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0],
+            budget=1_000_000,
+        ),
+    ],
+    cost_limit=0.025,
+    eval_freq=50_000,
+    n_eval_episodes=10,
+    hyperparams=dict(LEARN_VARIANTS),
+    variants=dict(LEARN.variants),
+)
+
+PRESETS = {"quick": QUICK, "full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN, "learn_1m": LEARN_1M}
+
+
+@dataclass
+class RunSpec:
+    preset: str
+    algo: str
+    env_id: str
+    seed: int
+    budget: int
+    cost_limit: float
+    eval_freq: int
+    n_eval_episodes: int
+    cvar_alpha: float
+    hyperparams: dict[str, Any]
+    out: str
+    #: the ALGORITHMS entry to instantiate (``algo`` itself unless it is a preset's variant)
+    base: str
+    #: also keep SB3's logger output (``train/*``, ``rollout/*``), dumped after every episode, in
+    #: ``progress.csv`` (``--train-log``)
+    train_log: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.env_id.replace("/", "_") / self.algo / f"seed{self.seed}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.env_id}/{self.algo}/seed{self.seed}"
+
+
+def expand(
+    preset: Preset,
+    out: Path,
+    algos: list[str] | None,
+    envs: list[str] | None,
+    seeds: list[int] | None,
+    budget: int | None,
+) -> list[RunSpec]:
+    specs = []
+    for block in preset.blocks:
+        for env_id in block.envs:
+            if envs and env_id not in envs:
+                continue
+            for algo in block.algos:
+                if algos and algo not in algos:
+                    continue
+                for seed in seeds if seeds is not None else block.seeds:
+                    specs.append(
+                        RunSpec(
+                            preset=preset.name,
+                            algo=algo,
+                            env_id=env_id,
+                            seed=seed,
+                            budget=budget or block.budget,
+                            cost_limit=preset.cost_limit,
+                            eval_freq=min(preset.eval_freq, budget or block.budget),
+                            n_eval_episodes=preset.n_eval_episodes,
+                            cvar_alpha=preset.cvar_alpha,
+                            hyperparams=preset.hyperparams.get(algo, {}),
+                            out=str(out),
+                            base=preset.variants.get(algo, algo),
+                        )
+                    )
+    # one key may be listed by two blocks (e.g. a longer run of the same seed): keep the first
+    seen: set[str] = set()
+    unique = []
+    for spec in specs:
+        if spec.key not in seen:
+            seen.add(spec.key)
+            unique.append(spec)
+    return unique
