@@ -339,6 +339,9 @@ class RunSpec:
     #: also keep SB3's logger output (``train/*``, ``rollout/*``), dumped after every episode, in
     #: ``progress.csv`` (``--train-log``)
     train_log: bool = False
+    #: also save the trained model as ``model.zip`` (and the observation statistics of a run that
+    #: normalises them as ``vecnormalize.pkl``) next to its results (``--save-model``)
+    save_model: bool = False
 
     @property
     def run_dir(self) -> Path:

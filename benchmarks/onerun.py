@@ -9,7 +9,9 @@ hyperparameters only. A run writes into its directory (``RunSpec.run_dir`` unles
 - ``curve.csv``: one row per evaluation (env steps, wall time, training return/cost/violations since
   the previous row, cumulative training violations, eval return/cost/CVaR/violations);
 - ``summary.json``: written last, atomically; its presence marks the run finished;
-- ``progress.csv`` (with ``--train-log`` only): SB3's logger output, dumped after every episode.
+- ``progress.csv`` (with ``--train-log`` only): SB3's logger output, dumped after every episode;
+- ``model.zip`` and, where observations are normalised, ``vecnormalize.pkl`` (with ``--save-model``
+  only): the trained model, e.g. to watch it (``python -m sb3_offtrc record``).
 
 A run on another machine (``backends.py``, Ray) writes into a temporary directory there and hands
 back the files' contents (``run_to_files``); the driver writes them with ``write_run_files``.
@@ -294,6 +296,10 @@ def run_one(spec: RunSpec, run_dir: Path | None = None) -> dict[str, Any]:
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": th.get_num_threads()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if spec.save_model:
+        model.save(run_dir / "model.zip")
+        if hasattr(train_env, "obs_rms"):  # VecNormalize: the statistics the policy was trained on
+            train_env.save(str(run_dir / "vecnormalize.pkl"))
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=float))
     tmp.replace(run_dir / "summary.json")

@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also write each run's SB3 logger output (train/*, rollout/*; every episode) to progress.csv",
     )
+    parser.add_argument(
+        "--save-model",
+        action="store_true",
+        help="also save each trained model (model.zip, and vecnormalize.pkl where observations are normalised)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument(
         "--force", action="store_true", help="rerun the selected runs even if finished (their old records are dropped)"
@@ -127,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         choices = " ".join(preset.algos())
         parser.error(f"--algos {' '.join(unknown)}: not in the {preset.name} grid; choose from {choices}")
     specs = expand(preset, out, args.algos, args.envs, args.seeds, args.budget)
-    if args.train_log:
-        specs = [replace(spec, train_log=True) for spec in specs]
+    if args.train_log or args.save_model:
+        specs = [replace(spec, train_log=args.train_log, save_model=args.save_model) for spec in specs]
 
     todo: list[RunSpec] = []
     for spec in specs:

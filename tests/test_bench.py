@@ -221,6 +221,24 @@ def test_train_log_keeps_the_logger_output_of_every_episode(tmp_path: Path, benc
     assert not (bench_dir / "HazardPoint-v0" / "offtrc" / "seed0" / "progress.csv").exists()
 
 
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_save_model_keeps_a_model_that_loads_and_acts(tmp_path: Path, bench_dir: Path) -> None:
+    from sb3_offtrc import OffTRC
+
+    proc = _run(
+        "benchmarks/run.py", "--quick", "--algos", "offtrc", "--budget", "500", "--save-model", "--out", str(tmp_path)
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "HazardPoint-v0" / "offtrc" / "seed0"
+    model = OffTRC.load(run_dir / "model.zip", device="cpu")
+    assert model.num_timesteps == json.loads((run_dir / "summary.json").read_text())["env_steps"]
+    action, _ = model.predict(np.zeros(model.observation_space.shape, dtype=np.float32), deterministic=True)
+    assert model.action_space.contains(action)
+    assert not (run_dir / "vecnormalize.pkl").exists()  # the quick grid does not normalise observations
+    # without the flag no model is kept
+    assert not (bench_dir / "HazardPoint-v0" / "offtrc" / "seed0" / "model.zip").exists()
+
+
 def _fake_runs(root: Path, values: list[float], first_seed: int = 0) -> str:
     for seed, value in enumerate(values, start=first_seed):
         run_dir = root / f"seed{seed}"
