@@ -835,3 +835,26 @@ def test_cost_gradient_shrinkage_changes_the_step_only_when_asked() -> None:
     assert "diag/cost_gradient_shrink" not in plain.logger.name_to_value
     value = shrunk.logger.name_to_value["diag/cost_gradient_shrink"]
     assert shrunk.min_cost_gradient_shrink <= value <= 1.0
+
+
+@pytest.mark.parametrize("cost_estimate", ["window", "critic"])
+def test_constraint_constants_come_from_the_chosen_estimate(cost_estimate: str) -> None:
+    model = _model(cost_estimate=cost_estimate)
+    model.learn(400)
+    buffer = model.replay_buffer
+    rows = (np.arange(model.n_recent) + buffer.pos - model.n_recent) % buffer.buffer_size  # the newest rows
+    obs = th.as_tensor(buffer.observations[rows, 0])
+    with th.no_grad():  # the critics before the next update fits them
+        critic_mean = float(model.policy.cost_critic(model.policy.features(obs)).mean())
+    window_mean = float(buffer.costs[rows, 0].astype(np.float64).mean()) / (1.0 - model.gamma)
+    model.train(gradient_steps=1)
+    values = model.logger.name_to_value
+    assert values["diag/cost_mean_window"] == pytest.approx(window_mean, rel=1e-5, abs=1e-6)
+    assert values["diag/cost_mean_critic"] == pytest.approx(critic_mean, rel=1e-5, abs=1e-6)
+    assert values["train/cost_mean"] == values[f"diag/cost_mean_{cost_estimate}"]
+    assert window_mean != pytest.approx(critic_mean)  # the test could tell the two apart
+
+
+def test_cost_estimate_is_checked() -> None:
+    with pytest.raises(ValueError, match="cost_estimate must be one of 'window', 'critic'"):
+        _model(cost_estimate="crtic")

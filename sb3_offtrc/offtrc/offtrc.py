@@ -52,6 +52,8 @@ from sb3_offtrc.validation import (
 )
 
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
+#: the sources of the constraint's constants J_hat and V_hat (``OffTRC(cost_estimate=...)``)
+COST_ESTIMATES = ("window", "critic")
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -80,6 +82,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         the paper; docs/diagnosis.md).
     :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - gamma)``
     :param cvar_alpha: CVaR level in (0, 1]; 1.0 gives an expected-cost constraint
+    :param cost_estimate: Where the constants ``J_hat`` and ``V_hat`` of the constraint come from:
+        ``"window"`` (default, the paper): the recent windows' mean step cost / (1 - gamma) and mean
+        variance target; ``"critic"``: the cost critics' mean ``V_C(s)`` and ``S_C(s)^2`` over the
+        recent windows' states. The critics average over the whole replay buffer, so the estimate
+        does not jump with the hazards one short window happened to meet (a deviation from the
+        paper; docs/diagnosis.md).
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
     :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
         batch and the current policy (§3.6). ``False`` uses ``max_kl`` as is.
@@ -145,6 +153,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_gae_lambda: float | None = None,
         cost_limit: float = 0.025,
         cvar_alpha: float = 0.125,
+        cost_estimate: str = "window",
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -214,6 +223,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cost_gae_lambda = cost_gae_lambda
         self.cost_limit = cost_limit
         self.cvar_alpha = cvar_alpha
+        self.cost_estimate = cost_estimate
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -269,6 +279,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             check_float(owner, "cost_gae_lambda", self.cost_gae_lambda, 0.0, 1.0)
         check_float(owner, "cost_limit", self.cost_limit, 0.0, hint="it is the per-step cost limit d")
         cvar_coefficient(self.cvar_alpha)  # raises with its own message
+        if self.cost_estimate not in COST_ESTIMATES:
+            raise ValueError(
+                f"OffTRC: cost_estimate must be one of {', '.join(map(repr, COST_ESTIMATES))}, got {self.cost_estimate!r}"
+            )
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -528,6 +542,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             recent = batch.recent.bool()
             cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma)  # J_hat (§3.4)
             cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
+            # the same two constants read off the cost critics at the recent windows' states
+            critic_mean = float(v_c[:n][recent].mean())
+            critic_var = float((s_c[:n][recent] ** 2).mean())
+            self.logger.record("diag/cost_mean_window", cost_mean)
+            self.logger.record("diag/cost_mean_critic", critic_mean)
+            self.logger.record("diag/cost_std_critic", math.sqrt(critic_var))
+            if self.cost_estimate == "critic":
+                cost_mean, cost_var = critic_mean, critic_var
             kappa = float(diag_gaussian_kl(batch.behaviour_mean, batch.behaviour_std, mean_k, std_k).mean())
             if bool((~recent).any()):
                 # how much of the replayed (older) data the truncated weights keep: the mean weight,
