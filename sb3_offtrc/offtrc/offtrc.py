@@ -280,9 +280,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         check_float(owner, "cost_limit", self.cost_limit, 0.0, hint="it is the per-step cost limit d")
         cvar_coefficient(self.cvar_alpha)  # raises with its own message
         if self.cost_estimate not in COST_ESTIMATES:
-            raise ValueError(
-                f"OffTRC: cost_estimate must be one of {', '.join(map(repr, COST_ESTIMATES))}, got {self.cost_estimate!r}"
-            )
+            choices = ", ".join(map(repr, COST_ESTIMATES))
+            raise ValueError(f"OffTRC: cost_estimate must be one of {choices}, got {self.cost_estimate!r}")
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
