@@ -46,6 +46,7 @@ from grid import (  # noqa: E402, F401
     LEARN,
     LEARN_1M,
     LEARN_VARIANTS,
+    MAIN,
     PRESET_CHECK,
     PRESETS,
     QUICK,
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     group.add_argument("--learn", action="store_true", help="the learning study: one-lever OffTRC arms")
     group.add_argument("--learn-1m", action="store_true", help="the learning study's leading arms at 1M steps")
+    group.add_argument(
+        "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="results directory (default benchmarks/results/<preset>)"
     )
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: --workers is ignored with --address: the cluster's CPUs decide", flush=True)
     workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
 
-    presets = {"full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN, "learn_1m": LEARN_1M}
+    presets = {"full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN, "learn_1m": LEARN_1M, "main": MAIN}
     preset = next((grid for flag, grid in presets.items() if getattr(args, flag)), QUICK)
     out = args.out or RESULTS_DIR / preset.name
     unknown = sorted(set(args.algos or []) - set(preset.algos()))
