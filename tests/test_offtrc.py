@@ -786,6 +786,7 @@ def test_monte_carlo_cost_return_against_a_forward_sum() -> None:
 
 def test_updates_log_the_diagnostics() -> None:
     model = _model()
+    model.split_half_interval = 1  # the split-half cosines on every update, not every tenth
     model.learn(600)
     values = model.logger.name_to_value
     for key in (
@@ -858,3 +859,19 @@ def test_constraint_constants_come_from_the_chosen_estimate(cost_estimate: str) 
 def test_cost_estimate_is_checked() -> None:
     with pytest.raises(ValueError, match="cost_estimate must be one of 'window', 'critic'"):
         _model(cost_estimate="crtic")
+
+
+def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:
+    calls: dict[str, list[int]] = {"plain": [], "shrunk": []}
+    for name, kwargs in (("plain", {}), ("shrunk", {"cost_gradient_shrinkage": True})):
+        model = _model(**kwargs)
+        original = model._split_half_gradients
+
+        def counting(*args: Any, _name: str = name, _model: OffTRC = model, _orig: Any = original) -> Any:
+            calls[_name].append(_model._n_updates)
+            return _orig(*args)
+
+        model._split_half_gradients = counting  # type: ignore[method-assign]
+        model.learn(1200)  # 12 updates
+    assert calls["plain"] == [0, 10]
+    assert calls["shrunk"] == list(range(12))

@@ -650,7 +650,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         margin = cvar_k - limit  # c (§3.7)
         g = flat_grad(objective, params, retain_graph=True)
         b = flat_grad(cvar, params, retain_graph=True)
-        halves = self._split_half_gradients(params, ratio, targets, rho, constants)
+        halves = None
+        if self.cost_gradient_shrinkage or self._n_updates % self.split_half_interval == 0:
+            halves = self._split_half_gradients(params, ratio, targets, rho, constants)
         # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
         fisher_mean, fisher_std = self._fisher_outputs(obs, mean, std)
         hessian_vector_product = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, self.damping)
@@ -711,6 +713,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     #: smallest factor of the cost-gradient shrinkage (no reproducible share at all)
     min_cost_gradient_shrink: ClassVar[float] = 0.01
+    #: the split-half gradients (``diag/*_grad_split_cos``) cost four extra backward passes, a fifth
+    #: of an update with a large batch: without ``cost_gradient_shrinkage``, which needs them every
+    #: time, they are computed on every this-many-th update only
+    split_half_interval: ClassVar[int] = 10
 
     def _cost_gradient_shrink(
         self,
