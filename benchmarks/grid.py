@@ -318,6 +318,57 @@ LEARN_1M = Preset(
     variants=dict(LEARN.variants),
 )
 
+#: The second round of the learning study (docs/diagnosis.md): one lever at a time on a fixed radius of
+#: 0.03, first the surrogates' baseline inside the importance weight (weighted_baseline, the defect the
+#: telemetry showed), then the expected-cost constraint (cvar_alpha 1), then the levers on the noise of
+#: the constraint's estimates. 200k env steps, three seeds, ten evaluation episodes every 50k steps.
+_FIXED3 = {**get_preset("cpu"), "max_kl": 0.03, "adaptive_trust_region": False}
+_WB = {**_FIXED3, "weighted_baseline": True}
+_WB_MEAN = {**_WB, "cvar_alpha": 1.0}
+#: the whole 50k-step replay buffer in every update's batch, with the critics fitted by one pass over
+#: it (as many minibatch steps as the cpu preset's 10 passes over 5k) and the Fisher products on a
+#: tenth of it (as many rows as before)
+_BATCH50K = {"n_batch": 50_000, "n_critic_epochs": 1, "fisher_fraction": 0.1}
+LEARN2_VARIANTS: dict[str, dict[str, Any]] = {
+    "kl0.03_fixed": _FIXED3,
+    "kl0.03_mean": {**_FIXED3, "cvar_alpha": 1.0},
+    "kl0.05_mean": {**_FIXED3, "max_kl": 0.05, "cvar_alpha": 1.0},
+    "kl0.03_wb": _WB,
+    "kl0.03_wb_mean": _WB_MEAN,
+    "kl0.03_wb_shrink": {**_WB, "cost_gradient_shrinkage": True},
+    "kl0.03_wb_mean_shrink": {**_WB_MEAN, "cost_gradient_shrinkage": True},
+    "kl0.03_wb_mean_n5": {**_WB_MEAN, "env": {"n_envs": 5}},
+    "kl0.03_wb_mean_smooth": {**_WB_MEAN, "env": {"cost": "smooth"}},
+    "kl0.03_wb_mean_recent3k": {**_WB_MEAN, "n_recent": 3000, "n_batch": 8000},
+    "kl0.03_wb_mean_costlam0.8": {**_WB_MEAN, "cost_gae_lambda": 0.8},
+    "kl0.03_wb_mean_critic": {**_WB_MEAN, "cost_estimate": "critic"},
+    "kl0.03_wb_critic": {**_WB, "cvar_alpha": 0.125, "cost_estimate": "critic"},
+    "kl0.03_wb_mean_critic_shrink": {**_WB_MEAN, "cost_estimate": "critic", "cost_gradient_shrinkage": True},
+    "kl0.03_wb_mean_batch50k": {**_WB_MEAN, **_BATCH50K},
+    "kl0.03_wb_batch50k": {**_WB, "cvar_alpha": 0.125, **_BATCH50K},
+}
+LEARN2 = Preset(
+    name="learn2",
+    blocks=[
+        Block(algos=list(LEARN2_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=200_000),
+    ],
+    cost_limit=0.025,
+    eval_freq=50_000,
+    n_eval_episodes=10,
+    hyperparams=dict(LEARN2_VARIANTS),
+    variants={name: "offtrc" for name in LEARN2_VARIANTS},
+)
+#: ... and single seeds of its arms at 1M steps, to see where a trend leads
+LEARN2_1M = Preset(
+    name="learn2_1m",
+    blocks=[Block(algos=list(LEARN2_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0], budget=1_000_000)],
+    cost_limit=0.025,
+    eval_freq=50_000,
+    n_eval_episodes=10,
+    hyperparams=dict(LEARN2_VARIANTS),
+    variants=dict(LEARN2.variants),
+)
+
 #: The published comparison (docs/benchmarks.md, README): the issue's budget of 1M env steps, three
 #: seeds, OffTRC's recommended configuration against PPO and PPO-Lagrangian with SB3's defaults
 #: (SAC-Lagrangian runs ~29 env steps/s here: its 100k runs are in the full grid). Ten evaluation
@@ -339,6 +390,8 @@ PRESETS = {
     "preset_check": PRESET_CHECK,
     "learn": LEARN,
     "learn_1m": LEARN_1M,
+    "learn2": LEARN2,
+    "learn2_1m": LEARN2_1M,
     "main": MAIN,
 }
 

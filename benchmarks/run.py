@@ -44,6 +44,9 @@ from grid import (  # noqa: E402, F401
     FULL,
     FULL_VARIANTS,
     LEARN,
+    LEARN2,
+    LEARN2_1M,
+    LEARN2_VARIANTS,
     LEARN_1M,
     LEARN_VARIANTS,
     MAIN,
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     group.add_argument("--learn", action="store_true", help="the learning study: one-lever OffTRC arms")
     group.add_argument("--learn-1m", action="store_true", help="the learning study's leading arms at 1M steps")
+    group.add_argument(
+        "--learn2", action="store_true", help="the learning study's second round: levers on a fixed radius of 0.03"
+    )
+    group.add_argument("--learn2-1m", action="store_true", help="single seeds of the second round's arms at 1M steps")
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
@@ -128,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             print("note: --workers is ignored with --address: the cluster's CPUs decide", flush=True)
     workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
 
-    presets = {"full": FULL, "preset_check": PRESET_CHECK, "learn": LEARN, "learn_1m": LEARN_1M, "main": MAIN}
+    presets = {
+        "full": FULL,
+        "preset_check": PRESET_CHECK,
+        "learn": LEARN,
+        "learn_1m": LEARN_1M,
+        "learn2": LEARN2,
+        "learn2_1m": LEARN2_1M,
+        "main": MAIN,
+    }
     preset = next((grid for flag, grid in presets.items() if getattr(args, flag)), QUICK)
     out = args.out or RESULTS_DIR / preset.name
     unknown = sorted(set(args.algos or []) - set(preset.algos()))
