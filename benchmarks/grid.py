@@ -346,6 +346,7 @@ LEARN2_VARIANTS: dict[str, dict[str, Any]] = {
     "kl0.03_wb_mean_critic_shrink": {**_WB_MEAN, "cost_estimate": "critic", "cost_gradient_shrinkage": True},
     "kl0.03_wb_mean_batch50k": {**_WB_MEAN, **_BATCH50K},
     "kl0.03_wb_batch50k": {**_WB, "cvar_alpha": 0.125, **_BATCH50K},
+    "kl0.03_wb_mean_batch50k_costlam0.8": {**_WB_MEAN, **_BATCH50K, "cost_gae_lambda": 0.8},
 }
 LEARN2 = Preset(
     name="learn2",
