@@ -384,12 +384,18 @@ LEARN2_1M = Preset(
 MAIN = Preset(
     name="main",
     blocks=[
-        Block(algos=["ppo_lag", "ppo"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=1_000_000),
+        Block(
+            algos=["offtrc_recommended", "ppo_lag", "ppo"],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
     ],
     cost_limit=0.025,
     eval_freq=50_000,
     n_eval_episodes=10,
-    hyperparams={"ppo": {}, "ppo_lag": {}},
+    hyperparams={"offtrc_recommended": get_preset("recommended"), "ppo": {}, "ppo_lag": {}},
+    variants={"offtrc_recommended": "offtrc"},
 )
 
 PRESETS = {

@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALGO_ORDER = ["offtrc", "offtrc_cpu", "sac_lag", "ppo_lag", "sac", "ppo"]
+ALGO_ORDER = ["offtrc_recommended", "offtrc", "offtrc_cpu", "sac_lag", "ppo_lag", "sac", "ppo"]
 LABELS = {
+    "offtrc_recommended": "OffTRC (recommended preset)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",

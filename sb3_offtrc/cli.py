@@ -47,6 +47,8 @@ ALGOS: dict[str, tuple[str, str, bool]] = {
     "ppo_lag": ("sb3_offtrc", "PPOLagrangian", True),
 }
 OFF_POLICY = ("offtrc", "sac", "sac_lag")
+#: sb3_offtrc.offtrc.presets.PRESETS's names, spelled out so that `--help` needs no torch import
+PRESET_NAMES = ("cpu", "paper", "recommended")
 CONFIG_FILE = "config.json"
 
 
@@ -868,7 +870,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--hyperparams", nargs="*", metavar="KEY=VALUE", help="constructor overrides")
     train.add_argument("--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make")
     train.add_argument(
-        "--preset", choices=("paper", "cpu"), default=None, help="OffTRC hyperparameter preset (docs/speed.md)"
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help="OffTRC hyperparameter preset: paper (the constructor's defaults), cpu (docs/speed.md), "
+        "recommended (docs/benchmarks.md)",
     )
     train.add_argument("--progress-bar", action="store_true")
     train.add_argument("--tensorboard-log", default=None, help="default: OUT/tb")

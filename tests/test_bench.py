@@ -325,6 +325,7 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
         ("quick_40k", "QUICK"),
         ("learn", "LEARN"),
         ("learn2", "LEARN2"),
+        ("learn2_1m", "LEARN2_1M"),
     ],
 )
 def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:

@@ -405,6 +405,25 @@ def test_paper_preset_is_the_constructor_default() -> None:
         get_preset("gpu")
 
 
+def test_recommended_preset_trains_and_is_on_the_command_line() -> None:
+    """The recommended preset is valid as it stands (its batch is the whole buffer) and the CLI offers
+    every preset by name."""
+    from sb3_offtrc import get_preset
+    from sb3_offtrc.cli import PRESET_NAMES
+    from sb3_offtrc.offtrc import PRESETS
+
+    assert sorted(PRESETS) == sorted(PRESET_NAMES)
+    preset = get_preset("recommended")
+    assert preset["n_batch"] == preset["buffer_size"]
+    assert preset["weighted_baseline"] and not preset["adaptive_trust_region"]
+    # the preset with a short window and buffer: the buffer stays the whole batch
+    small = {**preset, "n_steps": 100, "n_recent": 100, "buffer_size": 400, "n_batch": 400}
+    model = OffTRC("MlpPolicy", CostPendulum(), seed=0, **small)
+    model.learn(500)
+    assert model.logger.name_to_value["train/n_updates"] == 5
+    assert model.max_kl == 0.03 and model.cvar_alpha == 1.0
+
+
 def test_chunked_critic_fit_is_the_full_batch_step() -> None:
     import copy
 
