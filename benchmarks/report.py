@@ -341,6 +341,58 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def at_steps(run: Run, steps: int) -> pd.Series | None:
+    """The run's first evaluation at or after ``steps`` env steps (``None`` if it stopped before).
+
+    PPO's evaluations fall on the first rollout boundary past each multiple of ``eval_freq``, so
+    "at or after" keeps them comparable with the off-policy algorithms' (a few hundred steps later).
+    """
+    later = run.curve[run.curve["env_steps"] >= steps]
+    return None if later.empty else later.iloc[0]
+
+
+def early_table(runs: list[Run], steps: int) -> str:
+    """Every algorithm's evaluation and training violations after ``steps`` env steps, whatever its
+    budget: the early phase of a long run next to the short runs of another grid."""
+    # a seed counts once: the same (task, algorithm, seed) in two grids (a 100k grid and a 1M one)
+    # trained identically up to the shorter budget; the first one given (--results) is kept
+    unique: dict[tuple[str, str, int], Run] = {}
+    for run in runs:
+        unique.setdefault((run.env_id, run.algo, int(run.summary["seed"])), run)
+    runs = list(unique.values())
+    lines = []
+    for env_id in sorted({r.env_id for r in runs}):
+        rows = []
+        for algo in sorted({r.algo for r in runs if r.env_id == env_id}, key=_algo_key):
+            points = [p for r in runs if r.env_id == env_id and r.algo == algo if (p := at_steps(r, steps)) is not None]
+            if not points:
+                continue
+            rows.append(
+                [
+                    LABELS.get(algo, algo),
+                    str(len(points)),
+                    _mean_std([float(p["eval_return"]) for p in points]),
+                    _mean_std([float(p["eval_cost"]) for p in points]),
+                    _mean_std([float(p["train_cv_total"]) for p in points], "{:,.0f}"),
+                    _mean_std([float(p["wall_time"]) for p in points], "{:,.0f}"),
+                ]
+            )
+        if not rows:
+            continue
+        header = ["algorithm", "seeds", "return", "episode cost", "training violations so far", "wall time (s)"]
+        lines += [
+            f"### {env_id}: after {steps:,} env steps",
+            "",
+            "The first evaluation at or after that step (deterministic policy), mean ± std over seeds.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows),
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def _aggregate(series: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std over seeds of curves ``(x, y)`` interpolated onto ``grid`` (nan outside each x range)."""
     stacked = []
@@ -507,6 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algos", nargs="+", default=None, help="only these algorithms")
     parser.add_argument("--envs", nargs="+", default=None, help="only these env ids")
     parser.add_argument("--budgets", nargs="+", type=int, default=None, help="only runs of these budgets")
+    parser.add_argument(
+        "--at",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="STEPS",
+        help="also tabulate every run's evaluation and training violations after STEPS env steps",
+    )
     args = parser.parse_args(argv)
     runs = [run for results in [args.results, *args.also] for run in load_runs(results)]
     runs = [
@@ -532,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         ran = "".join(f"    {command}\n" for command in commands if command.strip())
         provenance = f"Produced by\n\n{ran}\nthen `{report_cmd}`.\n\n"
     comparison = violations_against_reference(runs)
-    body = provenance + table(runs) + (f"\n{comparison}" if comparison else "")
+    early = "".join("\n" + early_table(runs, steps) for steps in args.at)
+    body = provenance + table(runs) + early + (f"\n{comparison}" if comparison else "")
     report = "# Benchmark results\n\n" + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in pngs)
     (out / "report.md").write_text(report)
     print(report)

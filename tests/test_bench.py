@@ -176,6 +176,29 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     ]
 
 
+def test_early_table_reads_each_run_at_the_same_step_and_counts_a_seed_once() -> None:
+    """--at: a long run's evaluation at the step, a short run's final one, PPO's first one past it;
+    a seed that two grids both ran counts once, a run that stopped before the step not at all."""
+    report = _load("report")
+
+    def run(algo: str, seed: int, steps: list[int], returns: list[float], cv: list[float]) -> object:
+        curve = pd.DataFrame(
+            {"env_steps": steps, "eval_return": returns, "eval_cost": [10.0] * len(steps),
+             "train_cv_total": cv, "wall_time": [float(x) / 100 for x in steps]}
+        )  # fmt: skip
+        return report.Run({"algo": algo, "env_id": "E-v0", "seed": seed}, curve, pd.DataFrame())
+
+    runs = [
+        run("ppo_lag", 0, [0, 50_000, 100_352, 1_000_000], [0, 1, 4, 9], [0, 10, 20, 90]),
+        run("ppo_lag", 0, [0, 100_352], [0, 99], [0, 99]),  # the same seed in a 100k grid: ignored
+        run("ppo_lag", 1, [0, 100_000], [0, 6], [0, 40]),
+        run("sac_lag", 0, [0, 50_000], [0, 5], [0, 5]),  # stopped before 100k
+    ]
+    text = report.early_table(runs, 100_000)
+    assert "| PPO-Lag | 2 | 5.00 ± 1.00 | 10.00 ± 0.00 | 30 ± 10 | 1,002 ± 2 |" in text
+    assert "SAC-Lag" not in text
+
+
 @pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
 def test_preset_variant_runs_its_base_class_with_its_own_hyperparameters(tmp_path: Path) -> None:
     """A preset's variant (e.g. offtrc_cpu_fisher0.2) instantiates OffTRC with the variant's settings."""
