@@ -16,7 +16,8 @@ Budgets. The examples show realistic budgets; before running, the test shrinks t
 An OffTRC policy built without an explicit ``net_arch`` gets ``SMALL_NET`` instead of the default
 two layers of 512, which only costs time here.
 
-Markers. A MyST comment on the line right above a fence (MyST does not render it) controls it:
+Markers. A MyST comment on the line right above a fence (MyST does not render it) controls it; in
+README.md, which GitHub renders, the same words in an HTML comment (``<!-- doctest: skip -->``):
 
 - ``% doctest: skip``: never run (say why in the prose);
 - ``% doctest: parse``: checked without running: Python is compiled; CLI commands go through the
@@ -50,7 +51,8 @@ SMALL_NET = [32, 32]  # OffTRC's default [512, 512] acts ~10x slower; the exampl
 FRAME_BUDGET = 20
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<ticks>`{3,}|~{3,})\s*(?P<info>[^\n`]*)$")
-_MARKER = re.compile(r"^%\s*doctest:\s*(?P<what>.+?)\s*$")
+# MyST's comment, or (README.md, which GitHub renders) an HTML comment
+_MARKER = re.compile(r"^(?:%|<!--)\s*doctest:\s*(?P<what>.+?)\s*(?:-->)?\s*$")
 _CLI_PREFIXES = ("python -m sb3_offtrc ", "sb3-offtrc ")
 _KNOWN_REQUIREMENTS = ("safety", "mujoco", "ffmpeg")
 _MARKER_HINT = (
@@ -294,6 +296,11 @@ def test_extract_blocks_reads_markers_and_languages() -> None:
     ]
     with pytest.raises(ValueError, match="unknown doctest marker"):
         extract_blocks("% doctest: sometimes\n```python\nx\n```", "page.md")
+    # README.md's spelling: an HTML comment, which GitHub does not render either
+    (block,) = extract_blocks("<!-- doctest: requires safety mujoco -->\n```python\nx\n```", "README.md")
+    assert block.requires == ["safety", "mujoco"]
+    (block,) = extract_blocks("<!--doctest: skip-->\n```python\nx\n```", "README.md")
+    assert block.skip
 
 
 def test_budgets_and_cli_parsing() -> None:
