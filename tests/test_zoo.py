@@ -366,7 +366,17 @@ def test_hyperparams_entry_builds_a_model(
         env_cache[target] = gym.make(target)
     model = ALGOS[algo](env=env_cache[target], device="cpu", **kwargs)
     assert model.cost_limit == 0.025
-    if algo == "offtrc":
+    if algo == "offtrc" and env_id == "OffTRC/SafetyPointGoal1-v0":
+        # the recommended preset, spelled in the zoo's format: the same model
+        from sb3_offtrc import OffTRC, get_preset
+
+        preset = OffTRC("MlpPolicy", env_cache[target], device="cpu", **get_preset("recommended"))
+        for name in {*get_preset("recommended")} - {"policy_kwargs", "learning_rate"}:
+            assert getattr(model, name) == getattr(preset, name), name
+        assert model.lr_schedule(1.0) == preset.lr_schedule(1.0)  # rl-zoo3 hands a constant schedule
+        assert str(model.policy.actor.body) == str(preset.policy.actor.body)
+        assert model.cvar_alpha == 1.0
+    elif algo == "offtrc":
         assert model.cvar_alpha == 0.125
 
 
