@@ -315,7 +315,44 @@ def violations_against_reference(runs: list[Run]) -> str:
     return "\n".join(header + lines)
 
 
+#: what decides a run's numbers: the algorithms, the envs and the harness's one-run code (not the
+#: presets, the CLI or the docs; a run's own hyperparameters are in its summary)
+RUN_CODE = [
+    "sb3_offtrc/offtrc/offtrc.py",
+    "sb3_offtrc/offtrc/policies.py",
+    "sb3_offtrc/offtrc/buffers.py",
+    "sb3_offtrc/core",
+    "sb3_offtrc/lagrangian",
+    "sb3_offtrc/envs",
+    "sb3_offtrc/common",
+    "benchmarks/onerun.py",
+]
+
+
+def code_changed_since(commits: set[str | None], root: Path = RESULTS_DIR.parent.parent) -> dict[str | None, str]:
+    """For each commit that made a run: ``""`` if the code in RUN_CODE is the same now (in the
+    working tree), else why not ("changed since", "unknown commit", "no commit recorded")."""
+    import subprocess
+
+    status: dict[str | None, str] = {}
+    for commit in commits:
+        if not commit:
+            status[commit] = "no commit recorded"
+            continue
+        try:
+            done = subprocess.run(
+                ["git", "diff", "--quiet", commit, "--", *RUN_CODE], cwd=root, capture_output=True, check=False
+            )
+        except OSError:
+            status[commit] = "unknown commit"
+            continue
+        status[commit] = {0: "", 1: "changed since"}.get(done.returncode, "unknown commit")
+    return status
+
+
 def table(runs: list[Run]) -> str:
+    status = code_changed_since({r.summary.get("code", {}).get("commit") for r in runs})
+    stale = {id(r) for r in runs if status[r.summary.get("code", {}).get("commit")]}
     lines = []
     for env_id in sorted({r.env_id for r in runs}):
         env_runs = [r for r in runs if r.env_id == env_id]
@@ -336,8 +373,18 @@ def table(runs: list[Run]) -> str:
             budget_runs = [r for r in env_runs if r.budget == budget]
             for algo in sorted({r.algo for r in budget_runs}, key=_algo_key):
                 group = [r for r in budget_runs if r.algo == algo]
-                lines.append("| " + " | ".join(_row(algo, group, limit, sac_rate)) + " |")
+                row = _row(algo, group, limit, sac_rate)
+                if any(id(r) in stale for r in group):
+                    row[0] += " †"
+                lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    if stale:
+        commits = sorted({str(r.summary.get("code", {}).get("commit"))[:7] for r in runs if id(r) in stale})
+        lines += [
+            f"† {len(stale)} of these runs were made by code that differs from the present one in "
+            f"{', '.join(RUN_CODE)} (commits {', '.join(commits)}): a rerun may give other numbers.",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -176,6 +176,34 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     ]
 
 
+def test_report_marks_runs_made_by_other_code() -> None:
+    """A run whose commit's algorithm or harness code differs from the present (or is unknown) is
+    marked; one made by the code of HEAD (when the working tree's is HEAD's) is not."""
+    report = _load("report")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *report.RUN_CODE], cwd=ROOT, check=False)
+    status = report.code_changed_since({head.stdout.strip(), "0" * 40, None})
+    assert status[head.stdout.strip()] == ("" if clean.returncode == 0 else "changed since")
+    assert status["0" * 40] == "unknown commit" and status[None] == "no commit recorded"
+
+    def run(commit: str | None) -> object:
+        summary = {
+            "algo": "ppo", "env_id": "E-v0", "seed": 0, "budget": 10, "env_steps": 10,
+            "episode_cost_limit": 25.0, "cost_limit": 0.025, "episode_length": 1000,
+            "final_eval": {"eval_return": 1.0, "eval_cost": 1.0, "eval_cost_cvar": 1.0},
+            "train_cv_total": 1, "env_steps_per_s": 1.0, "env_steps_per_cpu_s": 1.0, "wall_time": 1.0,
+            "code": {"commit": commit, "dirty": False},
+        }  # fmt: skip
+        curve = pd.DataFrame({"env_steps": [10], "eval_cost": [1.0]})
+        return report.Run(summary, curve, pd.DataFrame())
+
+    assert "| PPO † |" in report.table([run("0" * 40)]) and "differs from the present" in report.table([run(None)])
+    if clean.returncode == 0:
+        assert "†" not in report.table([run(head.stdout.strip())])
+
+
 def test_early_table_reads_each_run_at_the_same_step_and_counts_a_seed_once() -> None:
     """--at: a long run's evaluation at the step, a short run's final one, PPO's first one past it;
     a seed that two grids both ran counts once, a run that stopped before the step not at all."""
