@@ -379,10 +379,14 @@ def table(runs: list[Run]) -> str:
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if stale:
-        commits = sorted({str(r.summary.get("code", {}).get("commit"))[:7] for r in runs if id(r) in stale})
+        made_by = Counter(
+            (r.summary.get("code", {}).get("commit") or "")[:7] or "no commit recorded" for r in runs if id(r) in stale
+        )
         lines += [
-            f"† {len(stale)} of these runs were made by code that differs from the present one in "
-            f"{', '.join(RUN_CODE)} (commits {', '.join(commits)}): a rerun may give other numbers.",
+            f"† made by code other than the present one in {', '.join(RUN_CODE)}, or by a commit "
+            "this report cannot check: a rerun may give other numbers ("
+            + ", ".join(f"{what}: {n} run{'s' * (n > 1)}" for what, n in sorted(made_by.items()))
+            + ").",
             "",
         ]
     return "\n".join(lines)
@@ -421,16 +425,17 @@ def early_table(runs: list[Run], steps: int) -> str:
                     _mean_std([float(p["eval_return"]) for p in points]),
                     _mean_std([float(p["eval_cost"]) for p in points]),
                     _mean_std([float(p["train_cv_total"]) for p in points], "{:,.0f}"),
-                    _mean_std([float(p["wall_time"]) for p in points], "{:,.0f}"),
+                    _mean_std([float(p.get("train_time", p["wall_time"])) for p in points], "{:,.0f}"),
                 ]
             )
         if not rows:
             continue
-        header = ["algorithm", "seeds", "return", "episode cost", "training violations so far", "wall time (s)"]
+        header = ["algorithm", "seeds", "return", "episode cost", "training violations so far", "training time (s)"]
         lines += [
             f"### {env_id}: after {steps:,} env steps",
             "",
-            "The first evaluation at or after that step (deterministic policy), mean ± std over seeds.",
+            "The first evaluation at or after that step (deterministic policy), mean ± std over seeds; "
+            "training time = wall-clock seconds without the evaluations.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),

@@ -199,7 +199,7 @@ def test_report_marks_runs_made_by_other_code() -> None:
         curve = pd.DataFrame({"env_steps": [10], "eval_cost": [1.0]})
         return report.Run(summary, curve, pd.DataFrame())
 
-    assert "| PPO † |" in report.table([run("0" * 40)]) and "differs from the present" in report.table([run(None)])
+    assert "| PPO † |" in report.table([run("0" * 40)]) and "(no commit recorded: 1 run)" in report.table([run(None)])
     if clean.returncode == 0:
         assert "†" not in report.table([run(head.stdout.strip())])
 
@@ -377,6 +377,7 @@ def test_unknown_algorithm_is_refused_with_the_choices() -> None:
         ("learn", "LEARN"),
         ("learn2", "LEARN2"),
         ("learn2_1m", "LEARN2_1M"),
+        ("main", "MAIN"),
     ],
 )
 def test_committed_runs_were_made_with_the_present_definitions(results: str, preset: str) -> None:
