@@ -748,7 +748,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     import imageio.v2 as imageio
     import numpy as np
 
-    _check_counts(args, ("steps", "fps"))
+    _check_counts(args, ("steps", "fps", "every"))
     if args.model:
         _model_path(args.model)
     config = _load_config(args.model) if args.model else {}
@@ -768,8 +768,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     obs, _ = env.reset(seed=args.seed)
     frames = []
     total_cost = 0.0
-    for _ in range(args.steps):
-        frame: Any = env.render()
+    for step in range(args.steps):
+        frame: Any = env.render() if step % args.every == 0 else None
         if frame is not None:
             frames.append(np.asarray(frame))
         if model is None:
@@ -784,10 +784,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     if not frames:
         raise CliError(f"{env_id} returned no frames (render_mode='rgb_array' unsupported?)")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    # --fps is env steps per second of video: with --every K each frame stands for K steps
     if args.output.lower().endswith(".gif"):
-        imageio.mimsave(args.output, frames, duration=1000 / args.fps, loop=0)  # type: ignore[arg-type]
+        imageio.mimsave(args.output, frames, duration=1000 * args.every / args.fps, loop=0)  # type: ignore[arg-type]
     else:
-        imageio.mimsave(args.output, frames, fps=args.fps)  # type: ignore[arg-type]
+        imageio.mimsave(args.output, frames, fps=args.fps / args.every)  # type: ignore[arg-type]
     print(f"video: {args.output} ({len(frames)} frames, summed cost {total_cost:.2f})")
     return 0
 
@@ -933,7 +934,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make (default: the run's)"
     )
     record.add_argument("--steps", type=int, default=300)
-    record.add_argument("--fps", type=int, default=30)
+    record.add_argument("--fps", type=int, default=30, help="env steps per second of video")
+    record.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="keep every K-th frame (smaller files; playback stays real-time)",
+    )
     record.add_argument("--stochastic", action="store_true")
     record.add_argument("--seed", type=int, default=0)
     record.add_argument("--output", default="video.mp4", help=".mp4 (needs imageio-ffmpeg) or .gif")

@@ -67,6 +67,20 @@ def test_eval_table_and_json(sac_run: str, capsys) -> None:
     assert result["mean_ep_length"] == 100.0
 
 
+def test_record_every_kth_frame_keeps_real_time(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    gif = str(tmp_path / "v.gif")
+    assert (
+        main(["record", "--env", "HazardPoint-v0", "--steps", "9", "--every", "3", "--fps", "30", "--output", gif]) == 0
+    )
+    assert "(3 frames," in capsys.readouterr().out
+    with Image.open(gif) as image:
+        assert image.info["duration"] == 100  # each frame stands for 3 env steps at 30 steps/s
+    assert main(["record", "--env", "HazardPoint-v0", "--every", "0", "--output", gif]) == 2
+    assert "--every must be a positive number, got 0" in capsys.readouterr().err
+
+
 def test_record_gif_and_mp4(sac_run: str, tmp_path) -> None:
     import imageio.v2 as imageio
 
