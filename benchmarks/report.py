@@ -634,10 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, out)
-    commands = []
-    for results in [args.results, *args.also]:
-        command_file = results / "command.txt"
-        commands += command_file.read_text().splitlines() if command_file.exists() else []
+    command_file = args.results / "command.txt"
+    commands = command_file.read_text().splitlines() if command_file.exists() else []
+    # the joined directories' own logs stay in their command.txt (a long grid's would bury this one's)
+    commands += [f"# and the runs of {results}, made by the commands in its command.txt" for results in args.also]
     provenance = ""
     if commands:
         report_cmd = " ".join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
