@@ -135,16 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print("note: --workers is ignored with --address: the cluster's CPUs decide", flush=True)
     workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
 
-    presets = {
-        "full": FULL,
-        "preset_check": PRESET_CHECK,
-        "learn": LEARN,
-        "learn_1m": LEARN_1M,
-        "learn2": LEARN2,
-        "learn2_1m": LEARN2_1M,
-        "main": MAIN,
-    }
-    preset = next((grid for flag, grid in presets.items() if getattr(args, flag)), QUICK)
+    # each preset but the default has its flag (--full, --learn2-1m, ...): grid.PRESETS names them
+    preset = next((grid for flag, grid in PRESETS.items() if flag != "quick" and getattr(args, flag)), QUICK)
     out = args.out or RESULTS_DIR / preset.name
     unknown = sorted(set(args.algos or []) - set(preset.algos()))
     if unknown:
