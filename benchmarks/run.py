@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     group.add_argument("--learn2-1m", action="store_true", help="single seeds of the second round's arms at 1M steps")
     group.add_argument(
+        "--learn3", action="store_true", help="the learning study's third round: a learned entropy weight, 1M steps"
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(

@@ -115,6 +115,18 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         ``-m ratio`` on replayed rows that the current policy would almost never take, where
         ``ratio`` explodes for a small step and can carry the line search's checks to +-inf.
         ``False`` (default) is the paper.
+    :param ent_coef: Weight of the policy's entropy in the reward objective of the step, as in SAC:
+        the step maximises ``reward surrogate + ent_coef * H``, with ``H`` the mean Gaussian entropy
+        over the batch's states (summed over action dimensions). ``0.0`` (default) is the paper.
+        ``"auto"`` (or ``"auto_0.05"`` for another start than 0.01) learns the weight so that ``H``
+        stays near ``target_entropy``: after every update ``log ent_coef`` moves by
+        ``ent_coef_lr * (target_entropy - H) / action_dim``, kept within [1e-4, 10]. The entropy
+        enters only the reward objective: a recovery step ignores it, and a constrained step trades
+        it against the cost like any other gain (a deviation from the paper; docs/diagnosis.md).
+    :param target_entropy: The entropy that a learned ``ent_coef`` aims at: ``"auto"`` (default)
+        is SAC's ``-action_dim``; a Gaussian of std ``sigma`` (in the policy's [-1, 1] action units)
+        has ``action_dim * (1.4189 + ln sigma)``, so ``-action_dim`` is about ``sigma = 0.089``
+    :param ent_coef_lr: Step of ``log ent_coef`` per update and nat of entropy gap per action dimension
     :param max_grad_norm: Gradient-norm clip of each critic step
     :param cost_key: Key of the per-step cost in the env's ``info``
     :param check_observations: Refuse observations with NaN or inf entries, with an error naming the
@@ -165,6 +177,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         fisher_fraction: float = 1.0,
         cost_gradient_shrinkage: bool = False,
         weighted_baseline: bool = False,
+        ent_coef: float | str = 0.0,
+        target_entropy: float | str = "auto",
+        ent_coef_lr: float = 0.2,
         max_grad_norm: float = 1.0,
         cost_key: str = "cost",
         check_observations: bool = True,
@@ -235,6 +250,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.fisher_fraction = fisher_fraction
         self.cost_gradient_shrinkage = cost_gradient_shrinkage
         self.weighted_baseline = weighted_baseline
+        self.ent_coef = ent_coef
+        self.target_entropy = target_entropy
+        self.ent_coef_lr = ent_coef_lr
+        #: the learned entropy weight's logarithm (``ent_coef="auto"``); set by ``_setup_model``
+        self.log_ent_coef: float | None = None
         self.max_grad_norm = max_grad_norm
         self.cost_key = cost_key
         self.check_observations = check_observations
@@ -287,6 +307,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "fisher_fraction", self.fisher_fraction, 0.0, 1.0, low_open=True)
         check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        self._entropy_settings()  # raises for a malformed ent_coef / target_entropy
+        check_float(owner, "ent_coef_lr", self.ent_coef_lr, 0.0)
         if not isinstance(self.adaptive_trust_region, bool):
             raise TypeError(f"OffTRC: adaptive_trust_region must be True or False, got {self.adaptive_trust_region!r}")
         if not isinstance(self.check_observations, bool):
@@ -305,6 +327,51 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     f"it counts transitions over all copies. Pass e.g. {name}={max(1, value // n_envs) * n_envs} "
                     f"to OffTRC(...), or to OffTRC.load(path, env, {name}=...) for a saved model"
                 )
+
+    def _entropy_settings(self) -> tuple[bool, float, float]:
+        """(learned?, the fixed weight or the learned one's start, the target entropy), checked."""
+        value, learned, start = self.ent_coef, False, 0.0
+        if isinstance(value, str):
+            head, _, tail = value.partition("_")
+            try:
+                start = float(tail) if tail else 0.01
+            except ValueError:
+                start = math.nan
+            if head != "auto" or not (start > 0.0 and math.isfinite(start)):
+                raise ValueError(
+                    f"OffTRC: ent_coef must be a number >= 0, 'auto' or 'auto_<start>' with a positive start "
+                    f"(e.g. 'auto_0.05'), got {value!r}"
+                )
+            learned = True
+        else:
+            start = check_float("OffTRC", "ent_coef", value, 0.0)
+        target = self.target_entropy
+        action_space = getattr(self, "action_space", None)
+        if isinstance(target, str):
+            if target != "auto":
+                raise ValueError(f"OffTRC: target_entropy must be a number or 'auto' (-action_dim), got {target!r}")
+            target = -float(np.prod(action_space.shape)) if action_space is not None else math.nan
+        else:
+            target = check_float("OffTRC", "target_entropy", target)
+        return learned, start, target
+
+    #: bounds of a learned entropy weight
+    ent_coef_bounds: ClassVar[tuple[float, float]] = (1e-4, 10.0)
+
+    def _entropy_weight(self) -> float:
+        learned, start, _ = self._entropy_settings()
+        if learned and self.log_ent_coef is not None:
+            return math.exp(self.log_ent_coef)
+        return start
+
+    def _adapt_entropy_weight(self, entropy: float) -> None:
+        learned, _, target = self._entropy_settings()
+        if not learned or self.log_ent_coef is None or not math.isfinite(entropy):
+            return
+        action_dim = float(np.prod(self.action_space.shape))
+        low, high = (math.log(bound) for bound in self.ent_coef_bounds)
+        updated = self.log_ent_coef + self.ent_coef_lr * (target - entropy) / action_dim
+        self.log_ent_coef = min(high, max(low, updated))
 
     def _setup_model(self) -> None:
         # OffTRC.load() skips __init__'s values: check what it put in place, now that n_envs is known
@@ -328,6 +395,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.policy = self.policy.to(self.device)
         self.train_freq = (self.n_steps // self.n_envs, "step")
         self._convert_train_freq()
+        learned, start, _ = self._entropy_settings()
+        if learned and self.log_ent_coef is None:  # a loaded model keeps its learned weight
+            self.log_ent_coef = math.log(start)
 
     def _setup_learn(
         self,
@@ -635,11 +705,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         constants = SurrogateConstants(cost_mean, cost_var, self.gamma, k_alpha)
         eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
         limit = self.cost_return_limit  # the CVaR limit D
+        ent_coef = self._entropy_weight()
 
         def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
             mean, std = policy.distribution(obs)
             ratio = th.exp(gaussian_log_prob(actions, mean, std) - log_pi_k)
             objective = reward_surrogate(ratio, targets.reward_advantage, rho, self.weighted_baseline)
+            if ent_coef > 0.0:
+                objective = objective + ent_coef * gaussian_entropy(std).mean()
             cvar = cost_surrogates(
                 ratio, targets.cost_advantage, targets.var_advantage, rho, constants, self.weighted_baseline
             ).cvar
@@ -710,6 +783,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.logger.record("train/line_search_steps", ls_steps)
         self.logger.record("train/line_search_failed", int(ls_failed))
         self.logger.record("train/entropy", entropy)
+        if ent_coef > 0.0 or self.log_ent_coef is not None:
+            self.logger.record("train/ent_coef", ent_coef)
+        self._adapt_entropy_weight(entropy)
 
     #: smallest factor of the cost-gradient shrinkage (no reproducible share at all)
     min_cost_gradient_shrink: ClassVar[float] = 0.01
