@@ -10,7 +10,6 @@ command line's preset flags if it is a new grid.
 from __future__ import annotations
 
 import math
-
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +398,7 @@ MAIN = Preset(
     hyperparams={"offtrc_recommended": get_preset("recommended"), "ppo": {}, "ppo_lag": {}},
     variants={"offtrc_recommended": "offtrc"},
 )
+
 
 #: The third round (docs/diagnosis.md, finding 13): the recommended preset with a learned entropy weight
 #: in the reward objective (``ent_coef="auto"``), aimed at a target std per action dimension. In the

@@ -894,3 +894,67 @@ def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them
         model.learn(1200)  # 12 updates
     assert calls["plain"] == [0, 10]
     assert calls["shrunk"] == list(range(12))
+
+
+# ----------------------------------------------------------------------------------- entropy weight
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ent_coef": "autox"}, "ent_coef must be a number >= 0, 'auto' or 'auto_<start>'"),
+        ({"ent_coef": "auto_-1"}, "'auto_<start>' with a positive start"),
+        ({"ent_coef": "auto_x"}, "'auto_<start>' with a positive start"),
+        ({"ent_coef": -0.1}, "ent_coef must be a finite number in \\[0, inf\\)"),
+        ({"ent_coef": "auto", "target_entropy": "high"}, "target_entropy must be a number or 'auto'"),
+        ({"ent_coef": "auto", "target_entropy": math.inf}, "target_entropy must be a finite number"),
+        ({"ent_coef_lr": -1.0}, "ent_coef_lr must be a finite number"),
+    ],
+)
+def test_entropy_options_reject_bad_values(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        _model(**kwargs)
+
+
+def test_entropy_weight_raises_the_std_that_the_plain_step_lowers() -> None:
+    stds = {}
+    for name, kwargs in (("plain", {}), ("entropy", {"ent_coef": 1.0})):
+        # a limit no policy can break: every step is a reward step (a recovery step ignores the entropy)
+        model = _model(max_kl=0.03, adaptive_trust_region=False, cost_limit=1.0, **kwargs)
+        model.learn(1000)
+        stds[name] = model.logger.name_to_value["diag/std"]
+        assert ("train/ent_coef" in model.logger.name_to_value) == (name == "entropy")
+    # the entropy's gradient is +1 per action dimension on the log-std: a weight of 1 dominates
+    # the reward surrogate of this task, so the policy widens where the plain one does not
+    assert stds["entropy"] > stds["plain"] * 1.2
+
+
+def test_learned_entropy_weight_follows_the_gap_to_its_target(tmp_path: Any) -> None:
+    from sb3_offtrc.offtrc.policies import gaussian_entropy
+
+    model = _model(ent_coef="auto_0.1", target_entropy=5.0, ent_coef_lr=0.5)  # far above: must grow
+    assert model.log_ent_coef == pytest.approx(math.log(0.1))
+    model.learn(100)  # one update
+    values = model.logger.name_to_value
+    assert values["train/ent_coef"] == pytest.approx(0.1)  # the step used the weight before adapting
+    entropy = values["train/entropy"]
+    with th.no_grad():  # the logged entropy is that of the policy after the step, on the batch's states
+        assert entropy == pytest.approx(float(gaussian_entropy(th.tensor([values["diag/std"]]))), abs=0.2)
+    # the update rule, by hand: log w += lr * (target - H) / action_dim (Pendulum: one dimension)
+    assert model.log_ent_coef == pytest.approx(math.log(0.1) + 0.5 * (5.0 - entropy))
+    model.learn(2000, reset_num_timesteps=False)
+    assert math.exp(model.log_ent_coef) == pytest.approx(model.ent_coef_bounds[1])  # capped at 10
+    path = tmp_path / "model.zip"
+    model.save(path)
+    loaded = OffTRC.load(path, env=CostPendulum())
+    assert loaded.log_ent_coef == model.log_ent_coef  # the learned weight is kept, not restarted
+
+    low = _model(ent_coef="auto", target_entropy=-20.0)  # far below: shrinks to its floor
+    assert low.log_ent_coef == pytest.approx(math.log(0.01))
+    low.learn(3000)
+    assert math.exp(low.log_ent_coef) == pytest.approx(low.ent_coef_bounds[0])
+
+
+def test_auto_target_entropy_is_minus_the_action_dimension() -> None:
+    model = _model(ent_coef="auto")
+    assert model._entropy_settings() == (True, 0.01, -1.0)
+    assert _model(ent_coef=0.5, target_entropy=2.0)._entropy_settings() == (False, 0.5, 2.0)
+    assert _model()._entropy_settings()[:2] == (False, 0.0)  # the paper: no entropy term

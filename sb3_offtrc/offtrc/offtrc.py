@@ -368,7 +368,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         learned, _, target = self._entropy_settings()
         if not learned or self.log_ent_coef is None or not math.isfinite(entropy):
             return
-        action_dim = float(np.prod(self.action_space.shape))
+        action_dim = float(np.prod(self.action_space.shape or (1,)))
         low, high = (math.log(bound) for bound in self.ent_coef_bounds)
         updated = self.log_ent_coef + self.ent_coef_lr * (target - entropy) / action_dim
         self.log_ent_coef = min(high, max(low, updated))
