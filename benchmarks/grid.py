@@ -416,6 +416,10 @@ LEARN3_VARIANTS: dict[str, dict[str, Any]] = {
 #: with ent_coef_lr 0.2 the learned weight overshot (to 10 on std 0.3, seed 0: the std went to 1.1):
 #: a quarter of that step
 LEARN3_VARIANTS["rec_ent_std0.2_lr0.05"] = {**LEARN3_VARIANTS["rec_ent_std0.2"], "ent_coef_lr": 0.05}
+#: the paper's smooth hazard-distance cost for training (the evaluation stays on the native 0/1 cost):
+#: with the 0/1 cost the whole-buffer cost gradient was noise (split-half cosine about 0) from 200k
+#: steps on, whatever the std
+LEARN3_VARIANTS["rec_smooth"] = {**get_preset("recommended"), "env": {"cost": "smooth"}}
 LEARN3 = Preset(
     name="learn3",
     blocks=[
