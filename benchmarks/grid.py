@@ -391,6 +391,13 @@ MAIN = Preset(
             seeds=[0, 1, 2],
             budget=1_000_000,
         ),
+        # the other two tasks, with the preset tuned on PointGoal1 as it is
+        Block(
+            algos=["offtrc_recommended", "ppo_lag", "ppo"],
+            envs=["SafetyCarGoal1-v0", "OffTRC/HalfCheetahFlip-v4"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
     ],
     cost_limit=0.025,
     eval_freq=50_000,
