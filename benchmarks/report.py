@@ -317,21 +317,33 @@ def violations_against_reference(runs: list[Run]) -> str:
 
 #: what decides a run's numbers: the algorithms, the envs and the harness's one-run code (not the
 #: presets, the CLI or the docs; a run's own hyperparameters are in its summary)
-RUN_CODE = [
+#: the code a run's numbers depend on: the algorithm's own files and what every run shares
+SHARED_RUN_CODE = ["sb3_offtrc/envs", "sb3_offtrc/common", "sb3_offtrc/cost_signal.py", "benchmarks/onerun.py"]
+OFFTRC_RUN_CODE = [
     "sb3_offtrc/offtrc/offtrc.py",
     "sb3_offtrc/offtrc/policies.py",
     "sb3_offtrc/offtrc/buffers.py",
     "sb3_offtrc/core",
-    "sb3_offtrc/lagrangian",
-    "sb3_offtrc/envs",
-    "sb3_offtrc/common",
-    "benchmarks/onerun.py",
+    *SHARED_RUN_CODE,
 ]
+BASELINE_RUN_CODE = ["sb3_offtrc/lagrangian", *SHARED_RUN_CODE]
+RUN_CODE = [*OFFTRC_RUN_CODE[:4], *BASELINE_RUN_CODE]
 
 
-def code_changed_since(commits: set[str | None], root: Path = RESULTS_DIR.parent.parent) -> dict[str | None, str]:
-    """For each commit that made a run: ``""`` if the code in RUN_CODE is the same now (in the
-    working tree), else why not ("changed since", "unknown commit", "no commit recorded")."""
+def run_code(summary: dict[str, Any]) -> list[str]:
+    """The files a run's numbers depend on: OffTRC's for its runs, the baselines' for the others
+    (a change to OffTRC does not make a PPO run stale, nor the reverse)."""
+    class_name = str(summary.get("algo_class", "")).rsplit(".", 1)[-1]
+    is_offtrc = class_name == "OffTRC" or str(summary.get("algo", "")).startswith("offtrc")
+    return OFFTRC_RUN_CODE if is_offtrc else BASELINE_RUN_CODE
+
+
+def code_changed_since(
+    commits: set[str | None], root: Path = RESULTS_DIR.parent.parent, paths: list[str] | None = None
+) -> dict[str | None, str]:
+    """For each commit that made a run: ``""`` if the code in ``paths`` (default RUN_CODE) is the
+    same now (in the working tree), else why not ("changed since", "unknown commit", "no commit
+    recorded")."""
     import subprocess
 
     status: dict[str | None, str] = {}
@@ -341,7 +353,10 @@ def code_changed_since(commits: set[str | None], root: Path = RESULTS_DIR.parent
             continue
         try:
             done = subprocess.run(
-                ["git", "diff", "--quiet", commit, "--", *RUN_CODE], cwd=root, capture_output=True, check=False
+                ["git", "diff", "--quiet", commit, "--", *(paths or RUN_CODE)],
+                cwd=root,
+                capture_output=True,
+                check=False,
             )
         except OSError:
             status[commit] = "unknown commit"
@@ -350,9 +365,18 @@ def code_changed_since(commits: set[str | None], root: Path = RESULTS_DIR.parent
     return status
 
 
+def stale_runs(runs: list[Run]) -> set[int]:
+    """``id`` of each run made by code other than the present in the files its numbers depend on."""
+    stale: set[int] = set()
+    for paths in (OFFTRC_RUN_CODE, BASELINE_RUN_CODE):
+        family = [r for r in runs if run_code(r.summary) is paths]
+        status = code_changed_since({r.summary.get("code", {}).get("commit") for r in family}, paths=paths)
+        stale |= {id(r) for r in family if status[r.summary.get("code", {}).get("commit")]}
+    return stale
+
+
 def table(runs: list[Run]) -> str:
-    status = code_changed_since({r.summary.get("code", {}).get("commit") for r in runs})
-    stale = {id(r) for r in runs if status[r.summary.get("code", {}).get("commit")]}
+    stale = stale_runs(runs)
     lines = []
     for env_id in sorted({r.env_id for r in runs}):
         env_runs = [r for r in runs if r.env_id == env_id]
@@ -383,8 +407,9 @@ def table(runs: list[Run]) -> str:
             (r.summary.get("code", {}).get("commit") or "")[:7] or "no commit recorded" for r in runs if id(r) in stale
         )
         lines += [
-            f"† made by code other than the present one in {', '.join(RUN_CODE)}, or by a commit "
-            "this report cannot check: a rerun may give other numbers ("
+            "† made by code other than the present one in the files the run depends on (OffTRC: "
+            f"{', '.join(OFFTRC_RUN_CODE)}; the baselines: {', '.join(BASELINE_RUN_CODE)}), or by a "
+            "commit this report cannot check: a rerun may give other numbers ("
             + ", ".join(f"{what}: {n} run{'s' * (n > 1)}" for what, n in sorted(made_by.items()))
             + ").",
             "",

@@ -204,6 +204,38 @@ def test_report_marks_runs_made_by_other_code() -> None:
         assert "†" not in report.table([run(head.stdout.strip())])
 
 
+def test_a_change_to_offtrc_marks_offtrc_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run is checked against the files its numbers depend on: a commit that differs from the
+    present only in OffTRC's code leaves the baselines' runs unmarked, and the reverse."""
+    report = _load("report")
+    changed = {"offtrc": "sb3_offtrc/offtrc/offtrc.py", "lagrangian": "sb3_offtrc/lagrangian"}
+
+    def runs() -> list[object]:
+        made = []
+        for algo, algo_class in (
+            ("offtrc_recommended", "sb3_offtrc.offtrc.OffTRC"),
+            ("ppo_lag", "sb3_offtrc.lagrangian.PPOLagrangian"),
+            ("ppo", "stable_baselines3.ppo.ppo.PPO"),
+        ):
+            summary = {"algo": algo, "algo_class": algo_class, "code": {"commit": "a" * 40}}
+            made.append(report.Run(summary, pd.DataFrame(), pd.DataFrame()))
+        return made
+
+    for what, path in changed.items():
+
+        def fake(commits: set, root: object = None, paths: list | None = None, _path: str = path) -> dict:
+            return {c: ("changed since" if _path in (paths or []) else "") for c in commits}
+
+        monkeypatch.setattr(report, "code_changed_since", fake)
+        made = runs()
+        marked = {r.summary["algo"] for r in made if id(r) in report.stale_runs(made)}
+        assert marked == ({"offtrc_recommended"} if what == "offtrc" else {"ppo_lag", "ppo"})
+    assert (
+        "sb3_offtrc/cost_signal.py" in report.OFFTRC_RUN_CODE
+        and "sb3_offtrc/cost_signal.py" in report.BASELINE_RUN_CODE
+    )
+
+
 def test_early_table_reads_each_run_at_the_same_step_and_counts_a_seed_once() -> None:
     """--at: a long run's evaluation at the step, a short run's final one, PPO's first one past it;
     a seed that two grids both ran counts once, a run that stopped before the step not at all."""
