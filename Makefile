@@ -24,6 +24,7 @@ PYTEST_ARGS ?= -m "not slow" -n 2 --timeout=900 --durations=15
 # from above, then a short training run with the recommended preset (20k steps: a couple of minutes;
 # its 1M-step results are in docs/benchmarks.md).
 DEMO_MODEL ?= demo/offtrc_SafetyPointGoal1-v0.zip
+DEMO_CHEETAH ?= demo/offtrc_HalfCheetahFlip-v4.zip
 DEMO_ARGS ?= --algo offtrc --preset recommended --env SafetyPointGoal1-v0 --timesteps 20000 --progress-bar --out runs/demo/train
 
 # The stamp's name carries a hash of everything that decides what gets installed, so `make setup`
@@ -60,10 +61,12 @@ $(STAMP):
 	@touch "$@"
 	@echo ">> setup done: $(VENV)"
 
-demo: setup ## evaluate and film the shipped OffTRC policy on SafetyPointGoal1-v0, then train one briefly
+demo: setup ## evaluate and film the shipped OffTRC policies (SafetyPointGoal1-v0, HalfCheetahFlip), then train one briefly
 	@$(PY) -c "import sb3_offtrc.cli" 2>/dev/null || { echo "error: the sb3_offtrc command line (sb3_offtrc/cli.py) is not available yet; nothing to run" >&2; exit 1; }
 	$(PY) -m sb3_offtrc eval $(DEMO_MODEL) --algo offtrc --env SafetyPointGoal1-v0 --cost-limit 0.025 --episodes 5
 	$(PY) -m sb3_offtrc record $(DEMO_MODEL) --algo offtrc --env SafetyPointGoal1-v0 --env-kwargs camera_name=fixedfar width=192 height=192 --steps 1000 --every 3 --fps 60 --output runs/demo/offtrc_SafetyPointGoal1-v0.gif
+	$(PY) -m sb3_offtrc eval $(DEMO_CHEETAH) --algo offtrc --env OffTRC/HalfCheetahFlip-v4 --cost-limit 0.025 --episodes 5
+	$(PY) -m sb3_offtrc record $(DEMO_CHEETAH) --algo offtrc --env OffTRC/HalfCheetahFlip-v4 --env-kwargs width=192 height=128 --steps 300 --every 2 --fps 10 --output runs/demo/offtrc_HalfCheetahFlip-v4.gif
 	$(PY) -m sb3_offtrc train $(DEMO_ARGS)
 
 test: setup ## run the test suite without the slow learning checks (what CI runs)
