@@ -141,3 +141,30 @@ def test_headless_rgb_array_rendering() -> None:
         pytest.skip("no libEGL on this machine (apt-get install libegl1)")
     env = {**os.environ, "MUJOCO_GL": "egl"}
     subprocess.run([sys.executable, "-c", _RENDER_ONE_FRAME], check=True, env=env, timeout=120)
+
+
+@needs_safety
+@pytest.mark.parametrize(
+    ("model", "env_id"),
+    [
+        ("offtrc_SafetyPointGoal1-v0.zip", "SafetyPointGoal1-v0"),
+        ("offtrc_HalfCheetahFlip-v4.zip", "OffTRC/HalfCheetahFlip-v4"),
+    ],
+)
+def test_shipped_demo_policies_load_and_act_on_their_task(model: str, env_id: str) -> None:
+    """`make demo` evaluates these files: each must load with the present code and act on its task."""
+    from pathlib import Path
+
+    from sb3_offtrc import OffTRC
+    from sb3_offtrc.envs import make_safety_env
+
+    path = Path(__file__).resolve().parents[1] / "demo" / model
+    env = make_safety_env(env_id)
+    policy = OffTRC.load(path, device="cpu")
+    assert policy.observation_space.shape == env.observation_space.shape
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        action, _ = policy.predict(obs, deterministic=True)
+        assert env.action_space.contains(action.astype(env.action_space.dtype))
+        obs, *_ = env.step(action)
+    env.close()
