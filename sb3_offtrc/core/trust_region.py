@@ -138,7 +138,9 @@ def solve_constrained_step(q: float, r: float, s: float, c: float, eps: float, b
     if big_a <= _COLINEAR * q:
         if r < 0.0:  # the natural step lowers the cost too; it is feasible since c < reach
             return _step(StepCase.CONSTRAINED, lam_natural)
-        if c < 0.0:  # up the cost gradient to the constraint boundary: b'x = r / lam = -c
+        # up the cost gradient to the constraint boundary: b'x = r / lam = -c (unless -c is so small,
+        # e.g. subnormal, that r / -c overflows: then the boundary is where the policy already is)
+        if c < 0.0 and math.isfinite(-r / c):
             return _step(StepCase.CONSTRAINED, max(lam_natural, -r / c))
         if c / s > 0.0:  # every reward gain costs CVaR: only back to the boundary
             return _recovery(c / s)
