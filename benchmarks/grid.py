@@ -356,27 +356,25 @@ LEARN2_VARIANTS: dict[str, dict[str, Any]] = {
         "policy_kwargs": {"net_arch": {"pi": [128, 128], "vf": [128, 128]}, "log_std_bounds": [-1.3863, 2.6931]},
     },
 }
-LEARN2 = Preset(
-    name="learn2",
-    blocks=[
-        Block(algos=list(LEARN2_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=200_000),
-    ],
-    cost_limit=0.025,
-    eval_freq=50_000,
-    n_eval_episodes=10,
-    hyperparams=dict(LEARN2_VARIANTS),
-    variants={name: "offtrc" for name in LEARN2_VARIANTS},
-)
+
+
+def _study_round(name: str, variants: dict[str, dict[str, Any]], seeds: list[int], budget: int) -> Preset:
+    """A round of the learning study on SafetyPointGoal1-v0: every arm an OffTRC variant, ten
+    evaluation episodes every 50k steps."""
+    return Preset(
+        name=name,
+        blocks=[Block(algos=list(variants), envs=["SafetyPointGoal1-v0"], seeds=seeds, budget=budget)],
+        cost_limit=0.025,
+        eval_freq=50_000,
+        n_eval_episodes=10,
+        hyperparams=dict(variants),
+        variants={arm: "offtrc" for arm in variants},
+    )
+
+
+LEARN2 = _study_round("learn2", LEARN2_VARIANTS, seeds=[0, 1, 2], budget=200_000)
 #: ... and single seeds of its arms at 1M steps, to see where a trend leads
-LEARN2_1M = Preset(
-    name="learn2_1m",
-    blocks=[Block(algos=list(LEARN2_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0], budget=1_000_000)],
-    cost_limit=0.025,
-    eval_freq=50_000,
-    n_eval_episodes=10,
-    hyperparams=dict(LEARN2_VARIANTS),
-    variants=dict(LEARN2.variants),
-)
+LEARN2_1M = _study_round("learn2_1m", LEARN2_VARIANTS, seeds=[0], budget=1_000_000)
 
 #: The published comparison (docs/benchmarks.md, README): the issue's budget of 1M env steps, three
 #: seeds, OffTRC's recommended configuration against PPO and PPO-Lagrangian with SB3's defaults
@@ -427,17 +425,7 @@ LEARN3_VARIANTS["rec_ent_std0.2_lr0.05"] = {**LEARN3_VARIANTS["rec_ent_std0.2"],
 #: with the 0/1 cost the whole-buffer cost gradient was noise (split-half cosine about 0) from 200k
 #: steps on, whatever the std
 LEARN3_VARIANTS["rec_smooth"] = {**get_preset("recommended"), "env": {"cost": "smooth"}}
-LEARN3 = Preset(
-    name="learn3",
-    blocks=[
-        Block(algos=list(LEARN3_VARIANTS), envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=1_000_000),
-    ],
-    cost_limit=0.025,
-    eval_freq=50_000,
-    n_eval_episodes=10,
-    hyperparams=dict(LEARN3_VARIANTS),
-    variants={name: "offtrc" for name in LEARN3_VARIANTS},
-)
+LEARN3 = _study_round("learn3", LEARN3_VARIANTS, seeds=[0, 1, 2], budget=1_000_000)
 
 PRESETS = {
     "quick": QUICK,

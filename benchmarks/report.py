@@ -315,19 +315,18 @@ def violations_against_reference(runs: list[Run]) -> str:
     return "\n".join(header + lines)
 
 
-#: what decides a run's numbers: the algorithms, the envs and the harness's one-run code (not the
-#: presets, the CLI or the docs; a run's own hyperparameters are in its summary)
-#: the code a run's numbers depend on: the algorithm's own files and what every run shares
+#: what decides a run's numbers: the algorithm's own files, the envs and the harness's one-run code
+#: (not the presets, the CLI or the docs; a run's own hyperparameters are in its summary)
 SHARED_RUN_CODE = ["sb3_offtrc/envs", "sb3_offtrc/common", "sb3_offtrc/cost_signal.py", "benchmarks/onerun.py"]
-OFFTRC_RUN_CODE = [
+_OFFTRC_OWN_CODE = [
     "sb3_offtrc/offtrc/offtrc.py",
     "sb3_offtrc/offtrc/policies.py",
     "sb3_offtrc/offtrc/buffers.py",
     "sb3_offtrc/core",
-    *SHARED_RUN_CODE,
 ]
+OFFTRC_RUN_CODE = [*_OFFTRC_OWN_CODE, *SHARED_RUN_CODE]
 BASELINE_RUN_CODE = ["sb3_offtrc/lagrangian", *SHARED_RUN_CODE]
-RUN_CODE = [*OFFTRC_RUN_CODE[:4], *BASELINE_RUN_CODE]
+RUN_CODE = [*_OFFTRC_OWN_CODE, *BASELINE_RUN_CODE]
 
 
 def run_code(summary: dict[str, Any]) -> list[str]:
