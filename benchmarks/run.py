@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         "--learn3", action="store_true", help="the learning study's third round: a learned entropy weight, 1M steps"
     )
     group.add_argument(
+        "--learn4",
+        action="store_true",
+        help="the learning study's fourth round: the smooth training cost at twice the native limit, 1M steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(
