@@ -58,6 +58,9 @@ class Preset:
     #: extra algorithm names this preset defines -> the entry of ALGORITHMS they instantiate
     #: (same class, the hyperparameters under the extra name)
     variants: dict[str, str] = field(default_factory=dict)
+    #: per-algorithm per-step cost limits that replace ``cost_limit`` for those algorithms (an arm
+    #: trained on another cost than the native one, with a limit of its own)
+    cost_limits: dict[str, float] = field(default_factory=dict)
 
     def algos(self) -> list[str]:
         """Every algorithm name the preset's blocks use, in order."""
@@ -359,15 +362,20 @@ LEARN2_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _study_round(
-    name: str, variants: dict[str, dict[str, Any]], seeds: list[int], budget: int, cost_limit: float = 0.025
+    name: str,
+    variants: dict[str, dict[str, Any]],
+    seeds: list[int],
+    budget: int,
+    cost_limits: dict[str, float] | None = None,
 ) -> Preset:
     """A round of the learning study on SafetyPointGoal1-v0: every arm an OffTRC variant, ten
-    evaluation episodes every 50k steps. ``cost_limit`` is the per-step limit the arms train with
-    (and the one their summaries record)."""
+    evaluation episodes every 50k steps. ``cost_limits``: the per-step limits of arms that train with
+    another limit than the native 0.025 (their summaries record the limit they trained with)."""
     return Preset(
         name=name,
         blocks=[Block(algos=list(variants), envs=["SafetyPointGoal1-v0"], seeds=seeds, budget=budget)],
-        cost_limit=cost_limit,
+        cost_limit=0.025,
+        cost_limits=dict(cost_limits or {}),
         eval_freq=50_000,
         n_eval_episodes=10,
         hyperparams=dict(variants),
@@ -431,16 +439,18 @@ LEARN3_VARIANTS["rec_smooth"] = {**get_preset("recommended"), "env": {"cost": "s
 LEARN3 = _study_round("learn3", LEARN3_VARIANTS, seeds=[0, 1, 2], budget=1_000_000)
 
 #: The fourth round (docs/diagnosis.md, finding 14): the smooth hazard-distance training cost made the
-#: cost gradient signal, but its limit of 25 per episode held the native 0/1 cost at about 12 hazard
-#: steps per episode and the return at 3. Here the smooth cost's limit is twice the native one (50 per
-#: episode, d = 0.05), by that ratio. The evaluation stays on the native cost, judged against 25; the
-#: runs' summaries record the training limit (cost_limit 0.05, episode_cost_limit 50).
+#: cost gradient signal, but with the native limit of 25 per episode the native 0/1 cost fell to about
+#: 12 hazard steps per episode (at a smooth cost of 51, still above its limit) and the return stayed
+#: at 3. Here the smooth cost's limit is two and four times the native one (50 and 100 per episode),
+#: bracketing that ratio. The evaluation stays on the native cost, judged against 25; the runs'
+#: summaries record the training limit (cost_limit 0.05 or 0.1).
+_SMOOTH = {**get_preset("recommended"), "env": {"cost": "smooth"}}
 LEARN4 = _study_round(
     "learn4",
-    {"rec_smooth_limit2x": {**get_preset("recommended"), "env": {"cost": "smooth"}}},
+    {"rec_smooth_limit2x": _SMOOTH, "rec_smooth_limit4x": _SMOOTH},
     seeds=[0, 1, 2],
     budget=1_000_000,
-    cost_limit=0.05,
+    cost_limits={"rec_smooth_limit2x": 0.05, "rec_smooth_limit4x": 0.1},
 )
 
 PRESETS = {
@@ -512,7 +522,7 @@ def expand(
                             env_id=env_id,
                             seed=seed,
                             budget=budget or block.budget,
-                            cost_limit=preset.cost_limit,
+                            cost_limit=preset.cost_limits.get(algo, preset.cost_limit),
                             eval_freq=min(preset.eval_freq, budget or block.budget),
                             n_eval_episodes=preset.n_eval_episodes,
                             cvar_alpha=preset.cvar_alpha,
