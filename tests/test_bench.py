@@ -392,6 +392,23 @@ def test_compare_update_statistics(tmp_path: Path) -> None:
         compare.update_statistics(tmp_path / "missing")
 
 
+def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_presets() -> None:
+    """learn4's arms train on the smooth cost with limits of their own (Preset.cost_limits); every other
+    arm and preset gets the preset's limit, which onerun passes to the constrained algorithms."""
+    run = _load("run")
+    learn4 = run.PRESETS["learn4"]
+    specs = {spec.algo: spec for spec in run.expand(learn4, BENCH / "results" / "x", None, None, [0], None)}
+    assert {algo: spec.cost_limit for algo, spec in specs.items()} == {
+        "rec_smooth_limit2x": 0.05,
+        "rec_smooth_limit4x": 0.1,
+    }
+    assert all(spec.hyperparams["env"] == {"cost": "smooth"} for spec in specs.values())
+    for preset in run.PRESETS.values():
+        if preset.name != "learn4":
+            limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}
+            assert limits == {preset.cost_limit}, preset.name
+
+
 def test_unknown_algorithm_is_refused_with_the_choices() -> None:
     proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher0.2", "--dry-run")
     assert proc.returncode == 2
