@@ -401,6 +401,7 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     assert {algo: spec.cost_limit for algo, spec in specs.items()} == {
         "rec_smooth_limit2x": 0.05,
         "rec_smooth_limit4x": 0.1,
+        "rec_smooth_limit2x_ent0.2": 0.05,
     }
     assert all(spec.hyperparams["env"] == {"cost": "smooth"} for spec in specs.values())
     for preset in run.PRESETS.values():
