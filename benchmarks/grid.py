@@ -449,9 +449,19 @@ _SMOOTH = {**get_preset("recommended"), "env": {"cost": "smooth"}}
 #: the smooth cost at 2x with round 3's learned entropy weight aimed at a std of 0.2 (a quarter of
 #: its step size, which overshot at 0.2)
 _SMOOTH_ENT = {**_SMOOTH, "ent_coef": "auto", "target_entropy": _entropy_of_std(0.2), "ent_coef_lr": 0.05}
+#: the one-episode J_hat decides the step's case: with the training cost near the limit 40-50% of the
+#: updates were recovery steps and 35-45% feasible ones (finding 9), alternating with the hazards one
+#: episode met. With the whole buffer as the batch, n_recent only sets the rows J_hat and V_hat are
+#: read from: the last five windows (five episodes, five updates old at most)
+_RECENT5K = {**get_preset("recommended"), "n_recent": 5_000}
 LEARN4 = _study_round(
     "learn4",
-    {"rec_smooth_limit2x": _SMOOTH, "rec_smooth_limit4x": _SMOOTH, "rec_smooth_limit2x_ent0.2": _SMOOTH_ENT},
+    {
+        "rec_smooth_limit2x": _SMOOTH,
+        "rec_smooth_limit4x": _SMOOTH,
+        "rec_smooth_limit2x_ent0.2": _SMOOTH_ENT,
+        "rec_recent5k": _RECENT5K,
+    },
     seeds=[0, 1, 2],
     budget=1_000_000,
     cost_limits={"rec_smooth_limit2x": 0.05, "rec_smooth_limit4x": 0.1, "rec_smooth_limit2x_ent0.2": 0.05},

@@ -402,8 +402,9 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
         "rec_smooth_limit2x": 0.05,
         "rec_smooth_limit4x": 0.1,
         "rec_smooth_limit2x_ent0.2": 0.05,
+        "rec_recent5k": 0.025,
     }
-    assert all(spec.hyperparams["env"] == {"cost": "smooth"} for spec in specs.values())
+    assert all(spec.hyperparams["env"] == {"cost": "smooth"} for algo, spec in specs.items() if "smooth" in algo)
     for preset in run.PRESETS.values():
         if preset.name != "learn4":
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}
