@@ -403,6 +403,7 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
         "rec_smooth_limit4x": 0.1,
         "rec_smooth_limit2x_ent0.2": 0.05,
         "rec_recent5k": 0.025,
+        "rec_cost_gamma0.9": 0.025,
     }
     assert all(spec.hyperparams["env"] == {"cost": "smooth"} for algo, spec in specs.items() if "smooth" in algo)
     for preset in run.PRESETS.values():

@@ -100,10 +100,12 @@ def test_targets_reduce_to_gae_when_on_policy() -> None:
     np.testing.assert_allclose(out.cost_target.numpy(), ret_c, atol=1e-9)
 
 
-def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, cost_lam=None):
-    """Per-step reference written directly from the equations of ALGORITHM.md §3.3 (``cost_lam``: the
-    trace decay of the cost-mean and cost-variance recursions, ``lam`` if None)."""
+def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, cost_lam=None, cost_gamma=None):
+    """Per-step reference written directly from the equations of ALGORITHM.md §3.3 (``cost_lam`` and
+    ``cost_gamma``: the trace decay and discount of the cost-mean and cost-variance recursions,
+    ``lam`` and ``gamma`` if None)."""
     cost_lam = lam if cost_lam is None else cost_lam
+    g = gamma if cost_gamma is None else cost_gamma
     n = len(r)
     y_r, y_c, z = np.zeros(n), np.zeros(n), np.zeros(n)
     d_r = d_c = eta = 0.0
@@ -111,13 +113,8 @@ def _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma
         if dones[t]:
             d_r = d_c = eta = 0.0
         y_r[t] = r[t] + gamma * (1 - fails[t]) * vr_n[t] + gamma * d_r
-        y_c[t] = c[t] + gamma * (1 - fails[t]) * vc_n[t] + gamma * d_c
-        z[t] = (
-            (c[t] + gamma * (1 - fails[t]) * vc_n[t]) ** 2
-            - vc[t] ** 2
-            + gamma**2 * (1 - fails[t]) * var_n[t]
-            + gamma**2 * eta
-        )
+        y_c[t] = c[t] + g * (1 - fails[t]) * vc_n[t] + g * d_c
+        z[t] = (c[t] + g * (1 - fails[t]) * vc_n[t]) ** 2 - vc[t] ** 2 + g**2 * (1 - fails[t]) * var_n[t] + g**2 * eta
         d_r = lam * rho[t] * (y_r[t] - vr[t])
         d_c = cost_lam * rho[t] * (y_c[t] - vc[t])
         eta = cost_lam * rho[t] * (z[t] - var[t])
@@ -160,6 +157,24 @@ def test_targets_with_truncated_weights_match_slow_reference() -> None:
     np.testing.assert_allclose(split.cost_target.numpy(), y_c2, atol=1e-9)
     np.testing.assert_allclose(split.var_target.numpy(), z2, atol=1e-9)
     np.testing.assert_allclose(split.cost_advantage.numpy(), y_c2 - vc, atol=1e-9)
+
+    # ... and so does a separate discount of the cost recursions (with or without its own decay)
+    for lam_c in (None, cost_lam):
+        short = offpolicy_targets(
+            t(r), t(c), t(dones), t(fails), t(rho), t(vr), t(vr_n), t(vc), t(vc_n), t(var), t(var_n), gamma, lam,
+            lam_c, 0.8,
+        )  # fmt: skip
+        y_r3, y_c3, z3 = _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, lam_c, 0.8)
+        np.testing.assert_allclose(y_r3, y_r)
+        assert (
+            np.abs(
+                y_c3 - _slow_targets(r, c, dones, fails, rho, vr, vr_n, vc, vc_n, var, var_n, gamma, lam, lam_c)[1]
+            ).max()
+            > 1e-3
+        )
+        np.testing.assert_allclose(short.reward_target.numpy(), y_r, atol=1e-9)
+        np.testing.assert_allclose(short.cost_target.numpy(), y_c3, atol=1e-9)
+        np.testing.assert_allclose(short.var_target.numpy(), z3, atol=1e-9)
 
 
 def test_variance_target_fixed_point_is_monte_carlo_variance() -> None:

@@ -770,10 +770,11 @@ def test_env_id_strings_as_sb3_users_write_them() -> None:
 
 
 # ------------------------------------------------------------------------------ diagnostics
-def test_monte_carlo_cost_return_against_a_forward_sum() -> None:
+@pytest.mark.parametrize("discounts", [{"gamma": 0.9}, {"gamma": 0.99, "cost_gamma": 0.9}])
+def test_monte_carlo_cost_return_against_a_forward_sum(discounts: dict[str, float]) -> None:
     from types import SimpleNamespace
 
-    model = _model(gamma=0.9)  # horizon 3 / (1 - 0.9) = 30 rows
+    model = _model(**discounts)  # the cost return's discount 0.9: horizon 3 / (1 - 0.9) = 30 rows
     rng = np.random.default_rng(0)
     n_recent, n_old = 80, 40
     costs = rng.random(2 * (n_recent + n_old)).astype(np.float32) * (rng.random(240) < 0.3)
@@ -873,6 +874,43 @@ def test_constraint_constants_come_from_the_chosen_estimate(cost_estimate: str) 
     assert values["diag/cost_mean_critic"] == pytest.approx(critic_mean, rel=1e-5, abs=1e-6)
     assert values["train/cost_mean"] == values[f"diag/cost_mean_{cost_estimate}"]
     assert window_mean != pytest.approx(critic_mean)  # the test could tell the two apart
+
+
+def test_cost_gamma_discounts_the_cost_side_only(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cost_gamma``: J_hat and the limit D both scale by 1 / (1 - cost_gamma), so their ratio is the
+    mean step cost over d whatever the discount; the reward side keeps ``gamma``; saved and loaded."""
+    for bad in (0.0, 1.0, 1.5, "0.9"):
+        with pytest.raises((ValueError, TypeError), match="cost_gamma"):
+            _model(cost_gamma=bad)
+    models = {}
+    for cost_gamma in (None, 0.9):
+        model = _model(cost_gamma=cost_gamma)
+        model.learn(400)
+        buffer = model.replay_buffer
+        rows = (np.arange(model.n_recent) + buffer.pos - model.n_recent) % buffer.buffer_size
+        mean_cost = float(buffer.costs[rows, 0].astype(np.float64).mean())
+        model.train(gradient_steps=1)
+        discount = model.gamma if cost_gamma is None else cost_gamma
+        assert model.cost_return_limit == pytest.approx(model.cost_limit / (1.0 - discount))
+        assert model.logger.name_to_value["diag/cost_mean_window"] == pytest.approx(
+            mean_cost / (1.0 - discount), rel=1e-5
+        )
+        models[cost_gamma] = model
+    assert mean_cost > 0  # the test could tell the two discounts apart
+    # the targets get it for the cost recursions only (tests/test_core_math.py checks what they do with it)
+    seen: list[Any] = []
+    real = offtrc_module.offpolicy_targets
+
+    def spy(*args: Any) -> Any:
+        seen.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(offtrc_module, "offpolicy_targets", spy)
+    models[0.9].train(gradient_steps=1)
+    assert seen[-1][11] == models[0.9].gamma and seen[-1][-1] == 0.9
+    models[0.9].save(tmp_path / "m.zip")
+    loaded = OffTRC.load(tmp_path / "m.zip")
+    assert loaded.cost_gamma == 0.9 and loaded.cost_return_limit == pytest.approx(0.025 / 0.1)
 
 
 def test_cost_estimate_is_checked() -> None:

@@ -60,25 +60,27 @@ def offpolicy_targets(
     gamma: float,
     gae_lambda: float,
     cost_gae_lambda: float | None = None,
+    cost_gamma: float | None = None,
 ) -> OffPolicyTargets:
     """Retrace-style lambda-targets over contiguous windows laid along dim 0.
 
     ``dones`` (episode ended, or the window ends: the recursion is cut there) and ``fails``
     (terminated: no bootstrap from ``s'``) are 0/1 floats. ``rho`` is the truncated importance weight
     ``min(1, pi_k / mu)``. With ``rho = 1`` the reward and cost targets are GAE(lambda) returns.
-    ``cost_gae_lambda`` (default: ``gae_lambda``) is the trace decay of the cost-mean and
-    cost-variance recursions.
+    ``cost_gae_lambda`` (default: ``gae_lambda``) is the trace decay and ``cost_gamma`` (default:
+    ``gamma``) the discount of the cost-mean and cost-variance recursions.
     """
     not_fail = 1.0 - fails
-    carry = gamma * (1.0 - dones)
     trace = gae_lambda * rho
-    # the cost-mean and cost-variance recursions may decay faster than the reward's (an option)
+    # the cost-mean and cost-variance recursions may decay and discount faster than the reward's
     cost_trace = trace if cost_gae_lambda is None else cost_gae_lambda * rho
+    gamma_c = gamma if cost_gamma is None else cost_gamma
 
     def _value_targets(
-        x: th.Tensor, values: th.Tensor, next_values: th.Tensor, trace: th.Tensor
+        x: th.Tensor, values: th.Tensor, next_values: th.Tensor, trace: th.Tensor, discount: float
     ) -> tuple[th.Tensor, th.Tensor]:
-        one_step = x + gamma * not_fail * next_values
+        carry = discount * (1.0 - dones)
+        one_step = x + discount * not_fail * next_values
         # delta_t = lambda rho_t (one_step_t - V_t + gamma (1 - done_t) delta_{t+1})
         delta = linear_recurrence_backward(trace * (one_step - values), trace * carry)
         shifted = th.zeros_like(delta)
@@ -86,13 +88,13 @@ def offpolicy_targets(
         target = one_step + carry * shifted
         return target, target - values
 
-    y_r, adv_r = _value_targets(rewards, reward_values, next_reward_values, trace)
-    y_c, adv_c = _value_targets(costs, cost_values, next_cost_values, cost_trace)
+    y_r, adv_r = _value_targets(rewards, reward_values, next_reward_values, trace, gamma)
+    y_c, adv_c = _value_targets(costs, cost_values, next_cost_values, cost_trace, gamma_c)
 
     one_step_var = (
-        (costs + gamma * not_fail * next_cost_values) ** 2 - cost_values**2 + gamma**2 * not_fail * next_cost_vars
+        (costs + gamma_c * not_fail * next_cost_values) ** 2 - cost_values**2 + gamma_c**2 * not_fail * next_cost_vars
     )
-    carry_var = gamma**2 * (1.0 - dones)
+    carry_var = gamma_c**2 * (1.0 - dones)
     eta = linear_recurrence_backward(cost_trace * (one_step_var - cost_vars), cost_trace * carry_var)
     shifted_eta = th.zeros_like(eta)
     shifted_eta[:-1] = eta[1:]

@@ -80,7 +80,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         (default) for ``gae_lambda`` (the paper). A smaller value leans on the cost critics sooner:
         less variance in the cost advantages that steer the constraint, more bias (a deviation from
         the paper; docs/diagnosis.md).
-    :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - gamma)``
+    :param cost_gamma: Discount of the cost return, or ``None`` (default) for ``gamma`` (the paper).
+        ``J_hat`` (mean step cost / (1 - cost_gamma)) and the limit ``D = d / (1 - cost_gamma)``
+        scale alike, so the test ``J_hat <= D`` is unchanged; a smaller value credits each cost to
+        fewer of the actions before it (less variance in the cost advantages, the cost of a shorter
+        horizon; a deviation from the paper, docs/diagnosis.md).
+    :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - cost_gamma)``
     :param cvar_alpha: CVaR level in (0, 1]; 1.0 gives an expected-cost constraint
     :param cost_estimate: Where the constants ``J_hat`` and ``V_hat`` of the constraint come from:
         ``"window"`` (default, the paper): the recent windows' mean step cost / (1 - gamma) and mean
@@ -163,6 +168,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         gamma: float = 0.99,
         gae_lambda: float = 0.97,
         cost_gae_lambda: float | None = None,
+        cost_gamma: float | None = None,
         cost_limit: float = 0.025,
         cvar_alpha: float = 0.125,
         cost_estimate: str = "window",
@@ -236,6 +242,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.n_batch = n_batch
         self.gae_lambda = gae_lambda
         self.cost_gae_lambda = cost_gae_lambda
+        self.cost_gamma = cost_gamma
         self.cost_limit = cost_limit
         self.cvar_alpha = cvar_alpha
         self.cost_estimate = cost_estimate
@@ -297,6 +304,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         check_float(owner, "gae_lambda", self.gae_lambda, 0.0, 1.0)
         if self.cost_gae_lambda is not None:
             check_float(owner, "cost_gae_lambda", self.cost_gae_lambda, 0.0, 1.0)
+        if self.cost_gamma is not None:
+            check_float(owner, "cost_gamma", self.cost_gamma, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "cost_limit", self.cost_limit, 0.0, hint="it is the per-step cost limit d")
         cvar_coefficient(self.cvar_alpha)  # raises with its own message
         if self.cost_estimate not in COST_ESTIMATES:
@@ -354,6 +363,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         else:
             target = check_float("OffTRC", "target_entropy", target)
         return learned, start, target
+
+    @property
+    def _cost_discount(self) -> float:
+        """The discount of the cost return: ``cost_gamma``, or ``gamma`` when it is None."""
+        cost_gamma = getattr(self, "cost_gamma", None)  # models saved before the option have none
+        return self.gamma if cost_gamma is None else float(cost_gamma)
+
+    @property
+    def cost_return_limit(self) -> float:
+        """``D = cost_limit / (1 - cost_gamma)``, the limit on the discounted cost return."""
+        return self.cost_limit / (1.0 - self._cost_discount)
 
     #: bounds of a learned entropy weight
     ent_coef_bounds: ClassVar[tuple[float, float]] = (1e-4, 10.0)
@@ -592,7 +612,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
     def _update(self, batch: WindowBatch) -> None:
         policy = self.policy
-        gamma = self.gamma
+        gamma, gamma_c = self.gamma, self._cost_discount
         obs, actions = batch.observations, batch.actions
         n = obs.shape[0]
 
@@ -606,10 +626,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             targets = offpolicy_targets(
                 batch.rewards, batch.costs, batch.cuts, batch.fails, rho,
                 v_r[:n], v_r[n:], v_c[:n], v_c[n:], var_c[:n], var_c[n:], gamma, self.gae_lambda,
-                self.cost_gae_lambda,
+                self.cost_gae_lambda, gamma_c,
             )  # fmt: skip
             recent = batch.recent.bool()
-            cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma)  # J_hat (§3.4)
+            cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma_c)  # J_hat (§3.4)
             cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
             # the same two constants read off the cost critics at the recent windows' states
             critic_mean = float(v_c[:n][recent].mean())
@@ -664,7 +684,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         """
         recent = batch.recent.cpu().numpy() > 0
         costs, cuts = batch.costs.cpu().numpy(), batch.cuts.cpu().numpy()
-        horizon = int(3.0 / (1.0 - self.gamma))
+        horizon = int(3.0 / (1.0 - self._cost_discount))
         returns: list[float] = []
         rows = np.flatnonzero(recent)
         if rows.size == 0:
@@ -678,7 +698,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 i = block[j]
                 if cuts[i] > 0:
                     running, seen_cut = 0.0, True
-                running = costs[i] + self.gamma * running
+                running = costs[i] + self._cost_discount * running
                 ahead[j] = running
                 valid[j] = seen_cut or (len(block) - j) >= horizon
             returns.extend(ahead[valid].tolist())
@@ -702,7 +722,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         obs, actions = batch.observations, batch.actions
         params = [p for p in policy.actor.parameters() if p.requires_grad]
         k_alpha = cvar_coefficient(self.cvar_alpha)
-        constants = SurrogateConstants(cost_mean, cost_var, self.gamma, k_alpha)
+        constants = SurrogateConstants(cost_mean, cost_var, self._cost_discount, k_alpha)
         eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
         limit = self.cost_return_limit  # the CVaR limit D
         ent_coef = self._entropy_weight()
