@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument(
         "--learn4",
         action="store_true",
-        help="the learning study's fourth round: the smooth training cost at 2x and 4x the native limit, 1M steps",
+        help="the learning study's fourth round: the smooth cost's limit, J_hat from 5 windows, a cost discount",
     )
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"

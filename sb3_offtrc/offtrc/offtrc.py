@@ -59,7 +59,7 @@ COST_ESTIMATES = ("window", "critic")
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     """Off-Policy Trust Region CVaR (Kim & Oh, RA-L 2022).
 
-    Maximises return subject to ``CVaR_alpha(cost return) <= cost_limit / (1 - gamma)`` with a
+    Maximises return subject to ``CVaR_alpha(cost return) <= cost_limit / (1 - cost_gamma)`` with a
     trust-region step computed from off-policy data. Every ``n_steps`` environment steps one update
     takes the ``n_recent`` newest transitions plus older ones up to ``n_batch``, computes
     Retrace-style targets for the reward value, the cost-return mean and its variance, takes one
@@ -88,7 +88,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     :param cost_limit: Per-step cost limit ``d``; the constraint is ``CVaR <= d / (1 - cost_gamma)``
     :param cvar_alpha: CVaR level in (0, 1]; 1.0 gives an expected-cost constraint
     :param cost_estimate: Where the constants ``J_hat`` and ``V_hat`` of the constraint come from:
-        ``"window"`` (default, the paper): the recent windows' mean step cost / (1 - gamma) and mean
+        ``"window"`` (default, the paper): the recent windows' mean step cost / (1 - cost_gamma) and mean
         variance target; ``"critic"``: the cost critics' mean ``V_C(s)`` and ``S_C(s)^2`` over the
         recent windows' states. The critics average over the whole replay buffer, so the estimate
         does not jump with the hazards one short window happened to meet (a deviation from the
