@@ -367,8 +367,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     @property
     def _cost_discount(self) -> float:
         """The discount of the cost return: ``cost_gamma``, or ``gamma`` when it is None."""
-        cost_gamma = getattr(self, "cost_gamma", None)  # models saved before the option have none
-        return self.gamma if cost_gamma is None else float(cost_gamma)
+        return self.gamma if self.cost_gamma is None else float(self.cost_gamma)
 
     @property
     def cost_return_limit(self) -> float:
