@@ -473,6 +473,23 @@ LEARN4 = _study_round(
     cost_limits={"rec_smooth_limit2x": 0.05, "rec_smooth_limit4x": 0.1, "rec_smooth_limit2x_ent0.2": 0.05},
 )
 
+#: The fifth round (docs/diagnosis.md, finding 18): on the native observation the gradients are
+#: dominated by the first layer's weights on the large-scale inputs (accelerometer, magnetometer:
+#: 77-84% of the cost gradient's squared norm at 200k), while the hazard signal sits in a narrow
+#: range (0.93-1) of 16 lidar bins; the critics do not learn even the immediate cost from it. Both
+#: arms rescale the inputs, for the policy and the critics alike: SB3's running normalisation, or the
+#: paper's fixed scaled 24-dimensional Goal observation. 300k steps, three seeds, against the
+#: recommended preset's three main-grid seeds at the same steps.
+LEARN5 = _study_round(
+    "learn5",
+    {
+        "rec_normobs": {**get_preset("recommended"), "env": {"normalize_obs": True}},
+        "rec_paperobs": {**get_preset("recommended"), "env": {"observation": "paper"}},
+    },
+    seeds=[0, 1, 2],
+    budget=300_000,
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -483,6 +500,7 @@ PRESETS = {
     "learn2_1m": LEARN2_1M,
     "learn3": LEARN3,
     "learn4": LEARN4,
+    "learn5": LEARN5,
     "main": MAIN,
 }
 

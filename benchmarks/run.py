@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the learning study's fourth round: the smooth cost's limit, J_hat from 5 windows, a cost discount",
     )
     group.add_argument(
+        "--learn5", action="store_true", help="the learning study's fifth round: rescaled observations, 300k steps"
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(
