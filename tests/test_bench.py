@@ -649,3 +649,31 @@ def test_diagnose_summarises_the_committed_learning_runs() -> None:
     fixed = table.loc[("SafetyPointGoal1-v0", "kl0.01_fixed")]
     assert fixed["radius/max_kl"] == pytest.approx(1.0)  # a fixed radius is max_kl itself
     assert "| kl_sum |" in diagnose.markdown(table)
+
+
+def test_cost_signal_returns_match_a_direct_sum() -> None:
+    bench = _load("cost_signal")
+    rng = np.random.default_rng(0)
+    values = rng.random(30)
+    ends = np.zeros(30, dtype=bool)
+    ends[[9, 20, 29]] = True
+    returns, left = bench.discounted_returns(values, ends, 0.9)
+    starts = [0, 10, 21]
+    for first, last in zip(starts, [9, 20, 29], strict=True):
+        for t in range(first, last + 1):
+            wanted = sum(0.9 ** (k - t) * values[k] for k in range(t, last + 1))
+            assert returns[t] == pytest.approx(wanted, rel=1e-5)
+            assert left[t] == last + 1 - t
+
+
+@pytest.mark.skipif(not _offtrc_importable(), reason="needs sb3_offtrc.offtrc")
+def test_cost_signal_quick_run_writes_its_tables(tmp_path: Path) -> None:
+    out = tmp_path / "signal.json"
+    result = _run("benchmarks/cost_signal.py", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {c["target"] for c in report["critics"]} == {"reward", "cost"}
+    assert {c["gamma"] for c in report["critics"] if c["target"] == "cost"} == {0.0, 0.9, 0.99}
+    assert sum(report["gradient"]["norm_share"].values()) == pytest.approx(1.0, rel=1e-4)
+    assert len(report["gradient"]["split_half"]) == 3
+    assert all(-1.0 <= s["plain"] <= 1.0 for s in report["gradient"]["split_half"])

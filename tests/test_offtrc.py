@@ -812,7 +812,7 @@ def test_updates_log_the_diagnostics() -> None:
     for key in (
         "diag/q", "diag/s", "diag/cos2", "diag/mean_shift", "diag/std", "diag/cvar_after",
         "diag/reward_critic_holdout_mse", "diag/cost_critic_holdout_ev", "diag/reward_grad_split_cos",
-        "diag/cvar_grad_split_cos",
+        "diag/cvar_grad_split_cos", "diag/cvar_grad_split_cos_fisher", "diag/reward_grad_split_cos_fisher",
     ):  # fmt: skip
         assert key in values, key
     assert 0.0 <= values["diag/cos2"] <= 1.0 + 1e-6  # Cauchy-Schwarz in the Fisher metric
@@ -996,3 +996,29 @@ def test_auto_target_entropy_is_minus_the_action_dimension() -> None:
     assert model._entropy_settings() == (True, 0.01, -1.0)
     assert _model(ent_coef=0.5, target_entropy=2.0)._entropy_settings() == (False, 0.5, 2.0)
     assert _model()._entropy_settings()[:2] == (False, 0.0)  # the paper: no entropy term
+
+
+def test_fisher_split_cosine_matches_an_exact_solve() -> None:
+    """The split-half cosine in the step's metric, b1' H^-1 b2 / sqrt(b1' H^-1 b1 b2' H^-1 b2), against
+    a direct solve with an explicit positive definite matrix (enough CG iterations to converge)."""
+    from stable_baselines3.common.logger import configure
+
+    model = _model()
+    model.set_logger(configure(None, [""]))
+    model.cg_max_steps = 50
+    generator = th.Generator().manual_seed(0)
+    root = th.randn(6, 6, generator=generator, dtype=th.float64)
+    matrix = root @ root.T + 0.5 * th.eye(6, dtype=th.float64)
+    first, second = (
+        th.randn(6, generator=generator, dtype=th.float64),
+        th.randn(6, generator=generator, dtype=th.float64),
+    )
+    rng_state = th.get_rng_state()
+    model._log_fisher_split_cosines({"cvar": [first, second]}, lambda v: matrix @ v)
+    assert th.equal(th.get_rng_state(), rng_state)  # the solver's random start leaves the run's numbers alone
+    inverse_first, inverse_second = th.linalg.solve(matrix, first), th.linalg.solve(matrix, second)
+    wanted = float(first @ inverse_second / th.sqrt((first @ inverse_first) * (second @ inverse_second)))
+    assert model.logger.name_to_value["diag/cvar_grad_split_cos_fisher"] == pytest.approx(wanted, rel=1e-6)
+    # the plain cosine of the same vectors differs: the metric matters
+    plain = float(first @ second / (first.norm() * second.norm()))
+    assert abs(plain - wanted) > 1e-3

@@ -751,6 +751,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
 
         hinv_g = conjugate_gradient_solver(hessian_vector_product, g, max_iter=self.cg_max_steps)
         hinv_b = conjugate_gradient_solver(hessian_vector_product, b, max_iter=self.cg_max_steps)
+        if halves is not None and self._n_updates % self.split_half_interval == 0:
+            self._log_fisher_split_cosines(halves, hessian_vector_product)
         if self.cost_gradient_shrinkage and halves is not None:
             b_first, b_second = halves["cvar"]
             shrink = self._cost_gradient_shrink(b, hinv_b, b_first, b_second, hessian_vector_product)
@@ -869,6 +871,28 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             cosine = th.nn.functional.cosine_similarity(first, second, dim=0)
             self.logger.record(f"diag/{name}_grad_split_cos", float(cosine))
         return grads
+
+    def _log_fisher_split_cosines(self, halves: dict[str, list[th.Tensor]], hessian_vector_product: Any) -> None:
+        """The split-half cosines in the metric of the step, ``b1' H^-1 b2 / sqrt(b1' H^-1 b1 b2' H^-1 b2)``.
+
+        The plain cosine (``diag/*_grad_split_cos``) weighs every parameter alike: on an unscaled
+        observation the first layer's weights on the largest inputs carry most of a gradient's norm,
+        so that cosine reads those few weights (docs/diagnosis.md, finding 18). The step moves along
+        ``H^-1 b``; this cosine measures agreement where the step goes. Same solver and iterations
+        as the step. The solver starts from random numbers: drawn from a forked generator, so that
+        the run learns what it learns without this diagnostic.
+        """
+        device = next(iter(halves.values()))[0].device
+        with th.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            solved = {
+                name: [conjugate_gradient_solver(hessian_vector_product, v, max_iter=self.cg_max_steps) for v in pair]
+                for name, pair in halves.items()
+            }
+        for name, (first, second) in halves.items():
+            h_first, h_second = solved[name]
+            scale = float(th.dot(first, h_first)) * float(th.dot(second, h_second))
+            cosine = float(th.dot(first, h_second)) / math.sqrt(scale) if scale > 0 else math.nan
+            self.logger.record(f"diag/{name}_grad_split_cos_fisher", cosine)
 
     def _fisher_outputs(self, obs: th.Tensor, mean: th.Tensor, std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """The policy outputs (with graph) on which the Fisher-vector products are computed."""

@@ -1,0 +1,243 @@
+"""Is there a cost signal in OffTRC's replay buffer, and where does its gradient point?
+
+    python benchmarks/cost_signal.py                        # SafetyPointGoal1-v0, seed 0, 200k steps (~12 min)
+    python benchmarks/cost_signal.py --steps 100000 --seed 1
+    python benchmarks/cost_signal.py --quick                # a smoke run (HazardPoint-v0, 3k steps)
+
+Trains the recommended preset for ``--steps`` env steps on one env copy and then, on its replay
+buffer (the last 50 episodes) and its policy, measures three things with Monte-Carlo returns as
+targets (independent of any critic the run fitted):
+
+1. **Critic generalisation.** A fresh 2 x 128 MLP is fitted to the discounted cost return of every
+   fifth episode's complement and scored on those held-out episodes (explained variance: 1 is
+   perfect, 0 no better than a constant, 2,000 Adam steps of 500 rows, checked every 250), for cost
+   discounts 0 (the step cost itself), 0.9 and 0.99, on the standardised native observation and on
+   the same with one more input, the largest hazard-lidar bin (the hazard signal: the point is in a
+   hazard when that bin exceeds about 0.93). The reward return (discount 0.99) is the control.
+2. **Which parameters the cost gradient lives on.** The gradient of OffTRC's expected-cost
+   surrogate at the current policy (truncated importance weights, the weighted baseline, advantage
+   = Monte-Carlo cost return minus a fitted value), as each parameter tensor's share of its
+   squared norm.
+3. **Signal or noise.** The same gradient on two random halves of the episodes (three splits): the
+   cosine of the halves in the plain parameter metric (what ``diag/*_grad_split_cos`` logs in
+   training) and in the Fisher metric of the step, ``b1' F^-1 b2 / sqrt(b1' F^-1 b1 b2' F^-1 b2)``
+   (conjugate gradients as in the step: 10 iterations, damping 0.01).
+
+Prints the tables and writes ``benchmarks/results/cost_signal_<env>_seed<k>_<steps//1000>k.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's sb3_offtrc
+
+from sb3_offtrc.core.trust_region import gaussian_fisher_vector_product  # noqa: E402
+from sb3_offtrc.envs.safety import make_safety_env  # noqa: E402
+from sb3_offtrc.offtrc import OffTRC, get_preset  # noqa: E402
+from sb3_offtrc.offtrc.policies import gaussian_log_prob  # noqa: E402
+
+
+def hazard_lidar_slice(env: Any) -> slice | None:
+    """Where the hazard lidar sits in the flat observation (Safety-Gymnasium flattens its sensors in
+    the order of ``obs_space_dict``); None for an env without one."""
+    task = getattr(env.unwrapped, "task", None)
+    spaces = getattr(getattr(task, "obs_info", None), "obs_space_dict", None)
+    if spaces is None:
+        return None
+    start = 0
+    for key, space in spaces.items():
+        size = int(np.prod(space.shape))
+        if key == "hazards_lidar":
+            return slice(start, start + size)
+        start += size
+    return None
+
+
+def discounted_returns(values: np.ndarray, ends: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Discounted return of every row to its episode's end, and how many rows that episode has left."""
+    out, left = np.zeros(len(values)), np.zeros(len(values), dtype=int)
+    running, count = 0.0, 0
+    for t in range(len(values) - 1, -1, -1):
+        if ends[t]:
+            running, count = 0.0, 0
+        running = values[t] + gamma * running
+        count += 1
+        out[t], left[t] = running, count
+    return out.astype(np.float32), left
+
+
+def mlp(n_in: int, width: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+
+def explained_variance(prediction: np.ndarray, target: np.ndarray) -> float:
+    return float(1.0 - np.var(target - prediction) / np.var(target)) if np.var(target) > 0 else float("nan")
+
+
+def fit_and_score(
+    inputs: th.Tensor, target: np.ndarray, train: np.ndarray, test: np.ndarray, steps: int, seed: int
+) -> dict[str, float]:
+    """Fit a fresh MLP on ``train`` rows; held-out explained variance at the end and at its best check."""
+    th.manual_seed(seed)
+    net = mlp(inputs.shape[1])
+    optimizer = th.optim.Adam(net.parameters(), lr=1e-3)
+    y = th.tensor(target)
+    rows, rng = np.flatnonzero(train), np.random.default_rng(seed)
+    checks = []
+    for step in range(1, steps + 1):
+        batch = th.tensor(rng.choice(rows, 500))
+        loss = 0.5 * ((net(inputs[batch]).squeeze(-1) - y[batch]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        if step % 250 == 0:
+            with th.no_grad():
+                checks.append(explained_variance(net(inputs[test]).squeeze(-1).numpy(), target[test]))
+    return {"final": checks[-1], "best": max(checks), "best_step": 250 * (int(np.argmax(checks)) + 1)}
+
+
+def value_fit(inputs: th.Tensor, target: np.ndarray, rows: np.ndarray, steps: int, seed: int) -> nn.Module:
+    th.manual_seed(seed)
+    net = mlp(inputs.shape[1])
+    optimizer = th.optim.Adam(net.parameters(), lr=1e-3)
+    y, idx, rng = th.tensor(target), np.flatnonzero(rows), np.random.default_rng(seed)
+    for _ in range(steps):
+        batch = th.tensor(rng.choice(idx, 500))
+        loss = 0.5 * ((net(inputs[batch]).squeeze(-1) - y[batch]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+    return net
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="SafetyPointGoal1-v0")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=200_000, help="env steps of training before the measurement")
+    parser.add_argument("--fit-steps", type=int, default=2000, help="Adam steps of each held-out critic fit")
+    parser.add_argument("--quick", action="store_true", help="smoke run: HazardPoint-v0, 3k steps, short fits")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.env, args.steps, args.fit_steps = "HazardPoint-v0", 3000, 250
+    th.set_num_threads(1)
+    started = time.perf_counter()
+
+    env = make_safety_env(args.env)
+    hyper = get_preset("recommended")
+    if args.quick:
+        hyper.update(n_steps=500, n_recent=500, n_batch=3000, buffer_size=3000)
+    model = OffTRC("MlpPolicy", env, seed=args.seed, **hyper)
+    model.learn(args.steps)
+    buffer = model.replay_buffer
+    size = buffer.buffer_size if buffer.full else buffer.pos
+    order = (np.arange(size) + buffer.pos) % size if buffer.full else np.arange(size)
+    obs = buffer.observations[order, 0].astype(np.float32)
+    actions = buffer.actions[order, 0].astype(np.float32)
+    costs, rewards = buffer.costs[order, 0], buffer.rewards[order, 0]
+    ends = (buffer.dones[order, 0] + buffer.timeouts[order, 0]) > 0
+    episode = np.cumsum(np.r_[0, ends[:-1]])
+    n_episodes = int(episode.max()) + 1
+    horizon = 1 if args.quick else 300  # rows whose return the episode's end cuts by under gamma^300 = 5%
+    hazard = hazard_lidar_slice(env)
+    inputs = {"native": obs}
+    if hazard is not None:
+        inputs["native + max hazard bin"] = np.concatenate([obs, obs[:, hazard].max(axis=1, keepdims=True)], axis=1)
+    held_out = episode % 5 == 4
+    report: dict[str, Any] = {
+        "env": args.env, "seed": args.seed, "steps": args.steps, "episodes": n_episodes,
+        "cost_per_episode": float(costs.sum() / n_episodes), "critics": [], "gradient": {},
+    }  # fmt: skip
+
+    # 1. critic generalisation
+    print(f"{args.env}, seed {args.seed}, after {args.steps} steps: {n_episodes} episodes in the buffer, "
+          f"{report['cost_per_episode']:.1f} cost per episode")  # fmt: skip
+    print("held-out explained variance (final / best at Adam step)")
+    jobs = [("reward", 0.99, "native")] + [("cost", g, name) for g in (0.0, 0.9, 0.99) for name in inputs]
+    for kind, gamma, name in jobs:
+        target, left = discounted_returns(costs if kind == "cost" else rewards, ends, gamma)
+        valid = left >= (horizon if gamma > 0.5 else 1)
+        x = th.tensor(inputs[name])
+        x = (x - x[~held_out].mean(0)) / (x[~held_out].std(0) + 1e-6)
+        score = fit_and_score(x, target, ~held_out & valid, held_out & valid, args.fit_steps, args.seed)
+        report["critics"].append({"target": kind, "gamma": gamma, "inputs": name, **score})
+        print(
+            f"  {kind:6s} gamma {gamma:4.2f} {name:26s} "
+            f"{score['final']:6.3f} / {score['best']:6.3f} at {score['best_step']}"
+        )
+
+    # 2-3. the cost gradient of the expected-cost surrogate at the current policy
+    policy = model.policy
+    params = [p for p in policy.actor.parameters() if p.requires_grad]
+    names = [n for n, p in policy.actor.named_parameters() if p.requires_grad]
+    o, a = th.tensor(obs), th.tensor(actions)
+    with th.no_grad():
+        mean_k, std_k = policy.distribution(o)
+        behaviour = gaussian_log_prob(
+            a, th.tensor(buffer.behaviour_mean[order, 0]), th.tensor(buffer.behaviour_std[order, 0])
+        )
+        rho = th.clamp(th.exp(gaussian_log_prob(a, mean_k, std_k) - behaviour), max=1.0)
+    target, left = discounted_returns(costs, ends, model.gamma)
+    valid = left >= horizon
+    x = th.tensor(inputs["native"])
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+    def cost_gradient(rows: np.ndarray, seed: int) -> th.Tensor:
+        value = value_fit(x, target, rows, args.fit_steps, seed)
+        r = th.tensor(np.flatnonzero(rows))
+        with th.no_grad():
+            advantage = th.tensor(target)[r] - value(x[r]).squeeze(-1)
+        mean, std = policy.distribution(o[r])
+        ratio = th.exp(gaussian_log_prob(a[r], mean, std) - gaussian_log_prob(a[r], mean_k[r], std_k[r]))
+        weight = rho[r]
+        baseline = (advantage * weight).mean() / weight.mean()
+        return flat_grad((ratio * weight * (advantage - baseline)).mean() / (1.0 - model.gamma), params)
+
+    full = cost_gradient(valid, args.seed)
+    shares = {
+        n: float(chunk @ chunk) / float(full @ full)
+        for n, chunk in zip(names, th.split(full, [p.numel() for p in params]), strict=True)
+    }
+    report["gradient"]["norm_share"] = shares
+    report["gradient"]["policy_std"] = float(std_k.mean())
+    print(f"policy std {float(std_k.mean()):.3f}; the cost gradient's squared norm by parameter tensor:")
+    print("  " + ", ".join(f"{n} {v:.2f}" for n, v in shares.items()))
+    fisher_rows = th.randperm(len(o), generator=th.Generator().manual_seed(args.seed))[: max(1, len(o) // 10)]
+    fisher_mean, fisher_std = policy.distribution(o[fisher_rows])
+    hvp = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, model.damping)
+    splits = []
+    for split in range(3):
+        halves = np.random.default_rng(100 + split).permutation(n_episodes)[episode] % 2 == 0
+        first, second = cost_gradient(valid & halves, split), cost_gradient(valid & ~halves, split)
+        plain = float(first @ second / (first.norm() * second.norm()))
+        h1 = conjugate_gradient_solver(hvp, first, max_iter=model.cg_max_steps)
+        h2 = conjugate_gradient_solver(hvp, second, max_iter=model.cg_max_steps)
+        fisher = float(first @ h2 / th.sqrt((first @ h1) * (second @ h2)))
+        splits.append({"plain": plain, "fisher": fisher})
+        print(f"  split {split}: cosine of the halves' cost gradients: plain {plain:6.3f}, Fisher metric {fisher:6.3f}")
+    report["gradient"]["split_half"] = splits
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    out = args.out or RESULTS / f"cost_signal_{args.env}_seed{args.seed}_{args.steps // 1000}k.json"
+    if not args.quick or args.out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
