@@ -17,7 +17,7 @@ targets (independent of any critic the run fitted):
 2. **Which parameters the cost gradient lives on.** The gradient of OffTRC's expected-cost
    surrogate at the current policy (truncated importance weights, the weighted baseline, advantage
    = Monte-Carlo cost return minus a fitted value), as each parameter tensor's share of its
-   squared norm.
+   squared norm, and the first layer's share split by the sensor its inputs come from.
 3. **Signal or noise.** The same gradient on two random halves of the episodes (three splits): the
    cosine of the halves in the plain parameter metric (what ``diag/*_grad_split_cos`` logs in
    training) and in the Fisher metric of the step, ``b1' F^-1 b2 / sqrt(b1' F^-1 b1 b2' F^-1 b2)``
@@ -49,20 +49,18 @@ from sb3_offtrc.offtrc import OffTRC, get_preset  # noqa: E402
 from sb3_offtrc.offtrc.policies import gaussian_log_prob  # noqa: E402
 
 
-def hazard_lidar_slice(env: Any) -> slice | None:
-    """Where the hazard lidar sits in the flat observation (Safety-Gymnasium flattens its sensors in
-    the order of ``obs_space_dict``); None for an env without one."""
+def sensor_slices(env: Any) -> dict[str, slice]:
+    """Where each sensor sits in the flat observation (Safety-Gymnasium flattens its sensors in the
+    order of ``obs_space_dict``); empty for an env without that layout."""
     task = getattr(env.unwrapped, "task", None)
     spaces = getattr(getattr(task, "obs_info", None), "obs_space_dict", None)
-    if spaces is None:
-        return None
+    out: dict[str, slice] = {}
     start = 0
-    for key, space in spaces.items():
+    for key, space in (spaces or {}).items():
         size = int(np.prod(space.shape))
-        if key == "hazards_lidar":
-            return slice(start, start + size)
+        out[key] = slice(start, start + size)
         start += size
-    return None
+    return out
 
 
 def discounted_returns(values: np.ndarray, ends: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +152,8 @@ def main() -> None:
     episode = np.cumsum(np.r_[0, ends[:-1]])
     n_episodes = int(episode.max()) + 1
     horizon = 1 if args.quick else 300  # rows whose return the episode's end cuts by under gamma^300 = 5%
-    hazard = hazard_lidar_slice(env)
+    sensors = sensor_slices(env)
+    hazard = sensors.get("hazards_lidar")
     inputs = {"native": obs}
     if hazard is not None:
         inputs["native + max hazard bin"] = np.concatenate([obs, obs[:, hazard].max(axis=1, keepdims=True)], axis=1)
@@ -214,9 +213,21 @@ def main() -> None:
         for n, chunk in zip(names, th.split(full, [p.numel() for p in params]), strict=True)
     }
     report["gradient"]["norm_share"] = shares
+    first_layer = next(p for p in params if p.dim() == 2 and p.shape[1] == obs.shape[1])
+    offset = sum(p.numel() for p in params[: [id(q) for q in params].index(id(first_layer))])
+    columns = (full[offset : offset + first_layer.numel()].view_as(first_layer) ** 2).sum(0)
+    by_sensor = {key: float(columns[where].sum() / columns.sum()) for key, where in sensors.items()}
+    report["gradient"]["first_layer_share_by_sensor"] = by_sensor
+    report["gradient"]["input_std_by_sensor"] = {
+        key: float(obs[:, where].std(0).mean()) for key, where in sensors.items()
+    }
     report["gradient"]["policy_std"] = float(std_k.mean())
     print(f"policy std {float(std_k.mean()):.3f}; the cost gradient's squared norm by parameter tensor:")
     print("  " + ", ".join(f"{n} {v:.2f}" for n, v in shares.items()))
+    if by_sensor:
+        print("the first layer's share by sensor (input std):")
+        stds = report["gradient"]["input_std_by_sensor"]
+        print("  " + ", ".join(f"{k} {v:.2f} ({stds[k]:.2f})" for k, v in by_sensor.items()))
     fisher_rows = th.randperm(len(o), generator=th.Generator().manual_seed(args.seed))[: max(1, len(o) // 10)]
     fisher_mean, fisher_std = policy.distribution(o[fisher_rows])
     hvp = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, model.damping)

@@ -677,3 +677,25 @@ def test_cost_signal_quick_run_writes_its_tables(tmp_path: Path) -> None:
     assert sum(report["gradient"]["norm_share"].values()) == pytest.approx(1.0, rel=1e-4)
     assert len(report["gradient"]["split_half"]) == 3
     assert all(-1.0 <= s["plain"] <= 1.0 for s in report["gradient"]["split_half"])
+
+
+def test_cost_signal_sensor_slices_tile_the_goal_observation() -> None:
+    from sb3_offtrc.compat import safety_gymnasium as compat
+
+    if compat.missing_safety_modules() and os.environ.get("SB3_OFFTRC_REQUIRE_SAFETY", "") in ("", "0"):
+        pytest.skip("Safety-Gymnasium stack incomplete")
+    from sb3_offtrc.envs.safety import make_safety_env
+
+    bench = _load("cost_signal")
+    env = make_safety_env("SafetyPointGoal1-v0")
+    obs, _ = env.reset(seed=0)
+    sensors = bench.sensor_slices(env)
+    assert sensors["hazards_lidar"].stop - sensors["hazards_lidar"].start == 16
+    cursor = 0
+    for where in sensors.values():  # contiguous, in order, covering the whole vector
+        assert where.start == cursor
+        cursor = where.stop
+    assert cursor == obs.shape[0]
+    for key in ("goal_lidar", "hazards_lidar", "vases_lidar"):
+        assert 0.0 <= obs[sensors[key]].min() and obs[sensors[key]].max() <= 1.0
+    assert bench.sensor_slices(make_safety_env("HazardPoint-v0")) == {}
