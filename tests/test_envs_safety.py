@@ -116,3 +116,34 @@ def test_paper_observation_is_refused_where_it_is_not_defined() -> None:
         make_safety_env("SafetyPointGoal1-v0", observation="scaled")
     with pytest.raises(ValueError, match="Safety-Gymnasium Goal tasks only"):
         make_safety_env("HazardPoint-v0", observation="paper")
+
+
+def test_lidar_max_observation_appends_each_lidars_largest_bin() -> None:
+    env = make_safety_env("SafetyPointGoal1-v0", observation="lidar_max")
+    native = make_safety_env("SafetyPointGoal1-v0")
+    assert env.observation_space.shape == (native.observation_space.shape[0] + 3,)  # goal, hazard, vase lidars
+    obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
+    task = env.unwrapped.task
+    keys = list(task.obs_info.obs_space_dict)
+    sizes = [space.shape[0] for space in task.obs_info.obs_space_dict.values()]
+    inside = []
+    for _ in range(8000):
+        if len(inside) >= 20:
+            break
+        obs, _, terminated, truncated, info = env.step(env.action_space.sample())
+        parts = dict(zip(keys, np.split(obs[:-3], np.cumsum(sizes)[:-1]), strict=True))
+        np.testing.assert_allclose(
+            obs[-3:], [parts["goal_lidar"].max(), parts["hazards_lidar"].max(), parts["vases_lidar"].max()]
+        )
+        if info["cost"] > 0:
+            inside.append(obs[-2])
+        if terminated or truncated:
+            obs, _ = env.reset()
+    # in a hazard (radius 0.2, lidar range 3) the largest hazard bin is above 1 - 0.2 / 3
+    assert inside and min(inside) > 1.0 - 0.2 / 3.0 - 1e-3
+
+
+def test_lidar_max_observation_needs_a_lidar_task() -> None:
+    with pytest.raises(ValueError, match="Safety-Gymnasium"):
+        make_safety_env("HazardPoint-v0", observation="lidar_max")

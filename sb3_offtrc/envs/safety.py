@@ -45,7 +45,7 @@ MUJOCO_TASKS = {
 }
 
 COST_CHOICES = ("native", "smooth")
-OBSERVATION_CHOICES = ("native", "paper")
+OBSERVATION_CHOICES = ("native", "paper", "lidar_max")
 
 
 def registered_ids() -> list[str]:
@@ -109,8 +109,9 @@ def make_safety_env(
         HalfCheetah/Walker2d, where it is the only choice). Ignored where the id fixes it
         (``...Smooth-v0``).
     :param render_mode: ``"rgb_array"`` for frames (headless: set ``MUJOCO_GL=egl``), or ``None``.
-    :param observation: ``"native"`` (the task's own observation) or ``"paper"`` (the authors'
-        scaled 24-dimensional Goal observation, :mod:`sb3_offtrc.envs.observations`; Goal tasks only).
+    :param observation: ``"native"`` (the task's own observation), ``"paper"`` (the authors'
+        scaled 24-dimensional Goal observation, :mod:`sb3_offtrc.envs.observations`; Goal tasks only)
+        or ``"lidar_max"`` (the task's own observation with each lidar's largest bin appended).
     :param kwargs: passed to the underlying env constructor.
     :return: the env; ``info["cost"]`` and ``info["cv"]`` are set on every step.
     :raises ValueError: for an unknown id or an unsupported cost, listing what is available.
@@ -150,6 +151,10 @@ def make_safety_env(
         from sb3_offtrc.envs.observations import PaperGoalObservation
 
         env = PaperGoalObservation(env)
+    elif observation == "lidar_max":
+        from sb3_offtrc.envs.observations import LidarMaxObservation
+
+        env = LidarMaxObservation(env)
     if chosen == "smooth":
         return HazardDistanceCost(env)
     return NativeCost(env)
