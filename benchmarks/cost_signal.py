@@ -21,7 +21,10 @@ targets (independent of any critic the run fitted):
 3. **Signal or noise.** The same gradient on two random halves of the episodes (three splits): the
    cosine of the halves in the plain parameter metric (what ``diag/*_grad_split_cos`` logs in
    training) and in the Fisher metric of the step, ``b1' F^-1 b2 / sqrt(b1' F^-1 b1 b2' F^-1 b2)``
-   (conjugate gradients as in the step: 10 iterations, damping 0.01).
+   (conjugate gradients as in the step: 10 iterations, damping 0.01), for three advantages: the
+   0.99-discounted return minus a fitted value (about what OffTRC's lambda = 0.97 targets give), and
+   the one-step TD error of a value of the 0.9-discounted return (``cost_gamma=0.9,
+   cost_gae_lambda=0``) on the native inputs and with the largest hazard bin added.
 
 Prints the tables and writes ``benchmarks/results/cost_signal_<env>_seed<k>_<steps//1000>k.json``.
 """
@@ -191,23 +194,47 @@ def main() -> None:
             a, th.tensor(buffer.behaviour_mean[order, 0]), th.tensor(buffer.behaviour_std[order, 0])
         )
         rho = th.clamp(th.exp(gaussian_log_prob(a, mean_k, std_k) - behaviour), max=1.0)
-    target, left = discounted_returns(costs, ends, model.gamma)
-    valid = left >= horizon
-    x = th.tensor(inputs["native"])
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    next_obs = buffer.next_observations[order, 0].astype(np.float32)
+    fails = th.tensor(buffer.fails[order, 0].astype(np.float32))
+    next_inputs = {"native": next_obs}
+    if hazard is not None:
+        next_inputs["native + max hazard bin"] = np.concatenate(
+            [next_obs, next_obs[:, hazard].max(axis=1, keepdims=True)], axis=1
+        )
 
-    def cost_gradient(rows: np.ndarray, seed: int) -> th.Tensor:
+    def standardised(name: str) -> tuple[th.Tensor, th.Tensor]:
+        here, there = th.tensor(inputs[name]), th.tensor(next_inputs[name])
+        shift, scale = here.mean(0), here.std(0) + 1e-6
+        return (here - shift) / scale, (there - shift) / scale
+
+    def cost_gradient(rows: np.ndarray, seed: int, estimator: tuple[str, float, str]) -> th.Tensor:
+        """The surrogate's gradient with the advantage of ``estimator`` = (kind, cost discount, inputs):
+        ``mc``, the discounted return minus a value fitted to it; ``td``, that value's one-step TD error
+        (OffTRC's advantage with ``cost_gae_lambda=0``)."""
+        kind, gamma, name = estimator
+        target, _ = discounted_returns(costs, ends, gamma)
+        x, x_next = standardised(name)
         value = value_fit(x, target, rows, args.fit_steps, seed)
         r = th.tensor(np.flatnonzero(rows))
         with th.no_grad():
-            advantage = th.tensor(target)[r] - value(x[r]).squeeze(-1)
+            if kind == "mc":
+                advantage = th.tensor(target)[r] - value(x[r]).squeeze(-1)
+            else:
+                step = th.tensor(costs.astype(np.float32))[r]
+                advantage = step + gamma * (1.0 - fails[r]) * value(x_next[r]).squeeze(-1) - value(x[r]).squeeze(-1)
         mean, std = policy.distribution(o[r])
         ratio = th.exp(gaussian_log_prob(a[r], mean, std) - gaussian_log_prob(a[r], mean_k[r], std_k[r]))
         weight = rho[r]
         baseline = (advantage * weight).mean() / weight.mean()
-        return flat_grad((ratio * weight * (advantage - baseline)).mean() / (1.0 - model.gamma), params)
+        return flat_grad((ratio * weight * (advantage - baseline)).mean() / (1.0 - gamma), params)
 
-    full = cost_gradient(valid, args.seed)
+    _, left = discounted_returns(costs, ends, model.gamma)
+    valid = left >= horizon
+    estimators = [("mc", model.gamma, "native"), ("td", 0.9, "native")]
+    if hazard is not None:
+        estimators.append(("td", 0.9, "native + max hazard bin"))
+
+    full = cost_gradient(valid, args.seed, estimators[0])
     shares = {
         n: float(chunk @ chunk) / float(full @ full)
         for n, chunk in zip(names, th.split(full, [p.numel() for p in params]), strict=True)
@@ -231,17 +258,22 @@ def main() -> None:
     fisher_rows = th.randperm(len(o), generator=th.Generator().manual_seed(args.seed))[: max(1, len(o) // 10)]
     fisher_mean, fisher_std = policy.distribution(o[fisher_rows])
     hvp = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, model.damping)
-    splits = []
-    for split in range(3):
-        halves = np.random.default_rng(100 + split).permutation(n_episodes)[episode] % 2 == 0
-        first, second = cost_gradient(valid & halves, split), cost_gradient(valid & ~halves, split)
-        plain = float(first @ second / (first.norm() * second.norm()))
-        h1 = conjugate_gradient_solver(hvp, first, max_iter=model.cg_max_steps)
-        h2 = conjugate_gradient_solver(hvp, second, max_iter=model.cg_max_steps)
-        fisher = float(first @ h2 / th.sqrt((first @ h1) * (second @ h2)))
-        splits.append({"plain": plain, "fisher": fisher})
-        print(f"  split {split}: cosine of the halves' cost gradients: plain {plain:6.3f}, Fisher metric {fisher:6.3f}")
-    report["gradient"]["split_half"] = splits
+    report["gradient"]["split_half"] = {}
+    print("cosine of the two halves' cost gradients (plain / Fisher metric), three random splits of the episodes:")
+    for estimator in estimators:
+        splits = []
+        for split in range(3):
+            halves = np.random.default_rng(100 + split).permutation(n_episodes)[episode] % 2 == 0
+            first = cost_gradient(valid & halves, split, estimator)
+            second = cost_gradient(valid & ~halves, split, estimator)
+            plain = float(first @ second / (first.norm() * second.norm()))
+            h1 = conjugate_gradient_solver(hvp, first, max_iter=model.cg_max_steps)
+            h2 = conjugate_gradient_solver(hvp, second, max_iter=model.cg_max_steps)
+            fisher = float(first @ h2 / th.sqrt((first @ h1) * (second @ h2)))
+            splits.append({"plain": plain, "fisher": fisher})
+        label = f"{estimator[0]} advantage, cost discount {estimator[1]}, {estimator[2]}"
+        report["gradient"]["split_half"][label] = splits
+        print(f"  {label:55s} " + "   ".join(f"{c['plain']:6.3f} / {c['fisher']:6.3f}" for c in splits))
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     out = args.out or RESULTS / f"cost_signal_{args.env}_seed{args.seed}_{args.steps // 1000}k.json"
     if not args.quick or args.out is not None:

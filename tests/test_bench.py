@@ -675,8 +675,9 @@ def test_cost_signal_quick_run_writes_its_tables(tmp_path: Path) -> None:
     assert {c["target"] for c in report["critics"]} == {"reward", "cost"}
     assert {c["gamma"] for c in report["critics"] if c["target"] == "cost"} == {0.0, 0.9, 0.99}
     assert sum(report["gradient"]["norm_share"].values()) == pytest.approx(1.0, rel=1e-4)
-    assert len(report["gradient"]["split_half"]) == 3
-    assert all(-1.0 <= s["plain"] <= 1.0 for s in report["gradient"]["split_half"])
+    splits = report["gradient"]["split_half"]
+    assert len(splits) == 2  # no hazard lidar on HazardPoint-v0: the two estimators on native inputs
+    assert all(len(v) == 3 and all(-1.0 <= c["plain"] <= 1.0 for c in v) for v in splits.values())
 
 
 def test_cost_signal_sensor_slices_tile_the_goal_observation() -> None:
