@@ -75,10 +75,11 @@ class PaperGoalObservation(gym.ObservationWrapper):
 class LidarMaxObservation(gym.ObservationWrapper):
     """Safety-Gymnasium's own vector with, per lidar, its largest bin appended (``observation="lidar_max"``).
 
-    A lidar bin reads ``1 - distance / 3`` for the nearest object of its kind in its sector, so the
-    largest bin is the proximity of the nearest such object. The point is inside a hazard exactly when
-    the hazard lidar's largest bin exceeds ``1 - 0.2 / 3`` (about 0.93): a threshold on the maximum of
-    16 inputs that sit in a narrow range, which the critics did not learn from the 60-dim vector
+    With the Goal tasks' lidar (range 3) a bin reads ``1 - distance / 3`` for the nearest object of
+    its kind in its sector, so the largest bin is the proximity of the nearest such object, and the
+    point is inside a hazard (radius 0.2) exactly when the hazard lidar's largest bin exceeds
+    ``1 - 0.2 / 3`` (about 0.93): a threshold on the maximum of 16 inputs that sit in a narrow
+    range, which the critics did not learn from the 60-dim vector
     (docs/diagnosis.md, finding 18: held-out explained variance of the step cost about 0 without
     this input, 0.6 with it). The appended values are the same readings the vector holds; nothing
     new is sensed.
