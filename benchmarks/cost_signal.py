@@ -41,30 +41,18 @@ from typing import Any
 
 import numpy as np
 import torch as th
-from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
+from sb3_contrib.common.utils import flat_grad
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's sb3_offtrc
 
-from sb3_offtrc.core.trust_region import gaussian_fisher_vector_product  # noqa: E402
+from sb3_offtrc.core.surrogates import centred_corrections  # noqa: E402
+from sb3_offtrc.core.trust_region import fisher_cosine, gaussian_fisher_vector_product  # noqa: E402
+from sb3_offtrc.envs.observations import sensor_slices  # noqa: E402
 from sb3_offtrc.envs.safety import make_safety_env  # noqa: E402
 from sb3_offtrc.offtrc import OffTRC, get_preset  # noqa: E402
 from sb3_offtrc.offtrc.policies import gaussian_log_prob  # noqa: E402
-
-
-def sensor_slices(env: Any) -> dict[str, slice]:
-    """Where each sensor sits in the flat observation (Safety-Gymnasium flattens its sensors in the
-    order of ``obs_space_dict``); empty for an env without that layout."""
-    task = getattr(env.unwrapped, "task", None)
-    spaces = getattr(getattr(task, "obs_info", None), "obs_space_dict", None)
-    out: dict[str, slice] = {}
-    start = 0
-    for key, space in (spaces or {}).items():
-        size = int(np.prod(space.shape))
-        out[key] = slice(start, start + size)
-        start += size
-    return out
 
 
 def discounted_returns(values: np.ndarray, ends: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +146,7 @@ def main() -> None:
     episode = np.cumsum(np.r_[0, ends[:-1]])
     n_episodes = int(episode.max()) + 1
     horizon = 1 if args.quick else 300  # rows whose return the episode's end cuts by under gamma^300 = 5%
-    sensors = sensor_slices(env)
+    sensors = sensor_slices(getattr(env.unwrapped, "task", None))
     hazard = sensors.get("hazards_lidar")
     inputs = {"native": obs}
     if hazard is not None:
@@ -227,9 +215,8 @@ def main() -> None:
                 advantage = step + gamma * (1.0 - fails[r]) * value(x_next[r]).squeeze(-1) - value(x[r]).squeeze(-1)
         mean, std = policy.distribution(o[r])
         ratio = th.exp(gaussian_log_prob(a[r], mean, std) - gaussian_log_prob(a[r], mean_k[r], std_k[r]))
-        weight = rho[r]
-        baseline = (advantage * weight).mean() / weight.mean()
-        return flat_grad((ratio * weight * (advantage - baseline)).mean() / (1.0 - gamma), params)
+        centred = centred_corrections(advantage, rho[r], weighted_baseline=True)
+        return flat_grad((ratio * centred).mean() / (1.0 - gamma), params)
 
     _, left = discounted_returns(costs, ends, model.gamma)
     valid = left >= horizon
@@ -270,9 +257,7 @@ def main() -> None:
             first = cost_gradient(valid & halves, split, estimator)
             second = cost_gradient(valid & ~halves, split, estimator)
             plain = float(first @ second / (first.norm() * second.norm()))
-            h1 = conjugate_gradient_solver(hvp, first, max_iter=model.cg_max_steps)
-            h2 = conjugate_gradient_solver(hvp, second, max_iter=model.cg_max_steps)
-            fisher = float(first @ h2 / th.sqrt((first @ h1) * (second @ h2)))
+            fisher = fisher_cosine(hvp, first, second, model.cg_max_steps)
             splits.append({"plain": plain, "fisher": fisher})
         label = f"{estimator[0]} advantage, cost discount {estimator[1]}, {estimator[2]}"
         report["gradient"]["split_half"][label] = splits

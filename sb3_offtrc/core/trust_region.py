@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch as th
+from sb3_contrib.common.utils import conjugate_gradient_solver
 
 
 def diag_gaussian_kl(mean_p: th.Tensor, std_p: th.Tensor, mean_q: th.Tensor, std_q: th.Tensor) -> th.Tensor:
@@ -220,3 +221,16 @@ def gaussian_fisher_vector_product(
         return th.cat([g.reshape(-1) for g in grads]) + damping * vector
 
     return product
+
+
+def fisher_cosine(
+    hessian_vector_product: Callable[[th.Tensor], th.Tensor], first: th.Tensor, second: th.Tensor, max_iter: int
+) -> float:
+    """``b1' H^-1 b2 / sqrt(b1' H^-1 b1 b2' H^-1 b2)``: the cosine of two gradients in the metric of the
+    step (``H^-1`` by conjugate gradients of ``max_iter`` iterations, as the step solves it; they
+    start from random numbers drawn from torch's global generator). NaN if ``H`` is not positive
+    along either gradient."""
+    h_first = conjugate_gradient_solver(hessian_vector_product, first, max_iter=max_iter)
+    h_second = conjugate_gradient_solver(hessian_vector_product, second, max_iter=max_iter)
+    scale = float(th.dot(first, h_first)) * float(th.dot(second, h_second))
+    return float(th.dot(first, h_second)) / math.sqrt(scale) if scale > 0 else math.nan

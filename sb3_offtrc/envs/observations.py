@@ -43,6 +43,19 @@ def _safety_task(env: gym.Env) -> Any:
     )
 
 
+def sensor_slices(task: Any) -> dict[str, slice]:
+    """Where each sensor of a Safety-Gymnasium task sits in its flat observation (the task flattens
+    its sensors in the order of ``obs_info.obs_space_dict``); empty for an object without that layout."""
+    spaces = getattr(getattr(task, "obs_info", None), "obs_space_dict", None)
+    out: dict[str, slice] = {}
+    start = 0
+    for key, space in (spaces or {}).items():
+        size = int(np.prod(space.shape))
+        out[key] = slice(start, start + size)
+        start += size
+    return out
+
+
 class PaperGoalObservation(gym.ObservationWrapper):
     """Replace a Safety-Gymnasium Goal task's observation with the paper's 24-dimensional one."""
 
@@ -87,16 +100,11 @@ class LidarMaxObservation(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        task = _safety_task(env)
-        self._lidars: list[slice] = []
-        start = 0
-        for key, space in task.obs_info.obs_space_dict.items():
-            size = int(np.prod(space.shape))
-            if key.endswith("_lidar"):
-                self._lidars.append(slice(start, start + size))
-            start += size
+        sensors = sensor_slices(_safety_task(env))
+        self._lidars = [where for key, where in sensors.items() if key.endswith("_lidar")]
+        size = max((where.stop for where in sensors.values()), default=0)
         base = env.observation_space
-        if not isinstance(base, gym.spaces.Box) or base.shape != (start,) or not self._lidars:
+        if not isinstance(base, gym.spaces.Box) or base.shape != (size,) or not self._lidars:
             raise ValueError(
                 f"observation='lidar_max' needs a Safety-Gymnasium task with a flat observation and a lidar, got {base}"
             )

@@ -35,6 +35,7 @@ from sb3_offtrc.core import (
     cost_surrogates,
     cvar_coefficient,
     diag_gaussian_kl,
+    fisher_cosine,
     gaussian_fisher_vector_product,
     offpolicy_targets,
     reward_surrogate,
@@ -884,15 +885,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         """
         device = next(iter(halves.values()))[0].device
         with th.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            solved = {
-                name: [conjugate_gradient_solver(hessian_vector_product, v, max_iter=self.cg_max_steps) for v in pair]
-                for name, pair in halves.items()
-            }
-        for name, (first, second) in halves.items():
-            h_first, h_second = solved[name]
-            scale = float(th.dot(first, h_first)) * float(th.dot(second, h_second))
-            cosine = float(th.dot(first, h_second)) / math.sqrt(scale) if scale > 0 else math.nan
-            self.logger.record(f"diag/{name}_grad_split_cos_fisher", cosine)
+            for name, (first, second) in halves.items():
+                cosine = fisher_cosine(hessian_vector_product, first, second, self.cg_max_steps)
+                self.logger.record(f"diag/{name}_grad_split_cos_fisher", cosine)
 
     def _fisher_outputs(self, obs: th.Tensor, mean: th.Tensor, std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """The policy outputs (with graph) on which the Fisher-vector products are computed."""
