@@ -501,6 +501,16 @@ LEARN5 = _study_round(
     budget=300_000,
 )
 
+#: Round 6: the step's reward objective and expected cost read off action-value critics and
+#: differentiated through the reparameterised action (``surrogate="action_value"``): the
+#: likelihood-ratio gradients of the importance surrogates were noise in the step's metric (finding 18)
+LEARN6 = _study_round(
+    "learn6",
+    {"rec_actionvalue": {**get_preset("recommended"), "surrogate": "action_value"}},
+    seeds=[0, 1, 2],
+    budget=300_000,
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -512,6 +522,7 @@ PRESETS = {
     "learn3": LEARN3,
     "learn4": LEARN4,
     "learn5": LEARN5,
+    "learn6": LEARN6,
     "main": MAIN,
 }
 

@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         "--learn5", action="store_true", help="the learning study's fifth round: rescaled observations, 300k steps"
     )
     group.add_argument(
+        "--learn6",
+        action="store_true",
+        help="the learning study's sixth round: action-value surrogates (reparameterised gradients), 300k steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(

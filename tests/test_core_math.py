@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from sb3_offtrc.core import (
     StepCase,
     SurrogateConstants,
+    action_value_cost_surrogates,
+    action_value_gain,
     adaptive_trust_region,
     cost_surrogates,
     cvar_coefficient,
@@ -238,6 +240,50 @@ def test_surrogates_equal_constants_at_theta_k_and_have_expected_gradient() -> N
     wc, ws = (adv_c * w).numpy(), (adv_s * w).numpy()
     expected = (wc - wc.mean()) / n / (1 - 0.99) + consts.k_alpha / (2 * 2.0) * (ws - ws.mean()) / n / (1 - 0.99**2)
     np.testing.assert_allclose(grad.numpy(), expected, atol=1e-10)
+
+
+def test_action_value_gain_is_the_pathwise_gradient_of_the_expected_value() -> None:
+    """With Q(a) = -(a - c)^2 per dimension, E[Q(m + s eps)] = -(m - c)^2 - s^2: the reparameterised
+    gain's gradient must be -2 (m - c) for the mean and -2 s for the std (Monte Carlo over eps)."""
+    gen = th.Generator().manual_seed(7)
+    n, centre = 200_000, th.tensor([0.3, -0.5], dtype=th.float64)
+    mean_k, std_k = th.tensor([0.1, 0.2], dtype=th.float64), th.tensor([0.4, 0.7], dtype=th.float64)
+    noise = th.randn(n, 2, generator=gen, dtype=th.float64)
+
+    def q(actions: th.Tensor) -> th.Tensor:
+        return -th.sum((actions - centre) ** 2, dim=-1)
+
+    values_k = q(mean_k + std_k * noise)
+    mean, std = mean_k.clone().requires_grad_(True), std_k.clone().requires_grad_(True)
+    gain = action_value_gain(q(mean + std * noise), values_k)
+    assert gain.item() == 0.0  # zero at theta_k
+    grad_mean, grad_std = th.autograd.grad(gain, (mean, std))
+    np.testing.assert_allclose(grad_mean.numpy(), (-2 * (mean_k - centre)).numpy(), atol=0.01)
+    np.testing.assert_allclose(grad_std.numpy(), (-2 * std_k).numpy(), atol=0.01)
+    # a finite move: the gain is the change of the expected value
+    moved_mean, moved_std = th.tensor([0.3, -0.1], dtype=th.float64), th.tensor([0.2, 0.5], dtype=th.float64)
+    expected = float((-((moved_mean - centre) ** 2) - moved_std**2 + (mean_k - centre) ** 2 + std_k**2).sum())
+    assert action_value_gain(q(moved_mean + moved_std * noise), values_k).item() == pytest.approx(expected, abs=0.01)
+
+
+def test_action_value_cost_surrogates_read_the_mean_off_the_critic() -> None:
+    """``J_C = J_hat + gain / (1 - gamma)``; ``V_C`` is the importance-weighted one of cost_surrogates."""
+    rng = np.random.default_rng(8)
+    n = 100
+    adv_s, w = _rand(rng, n), th.as_tensor(rng.uniform(0.3, 1.0, size=n))
+    ratio = th.exp(_rand(rng, n) * 0.1)
+    q_k, q_theta = _rand(rng, n), _rand(rng, n)
+    consts = SurrogateConstants(cost_mean=3.0, cost_var=4.0, gamma=0.95, k_alpha=cvar_coefficient(0.25))
+    out = action_value_cost_surrogates(q_theta, q_k, ratio, adv_s, w, consts)
+    gain = float((q_theta - q_k).numpy().mean())
+    assert out.cost_mean.item() == pytest.approx(3.0 + gain / 0.05, rel=1e-12)
+    reference = cost_surrogates(ratio, th.zeros(n, dtype=th.float64), adv_s, w, consts)  # its mean term is 0
+    assert out.cost_var.item() == pytest.approx(reference.cost_var.item(), rel=1e-12)
+    assert out.cvar.item() == pytest.approx(
+        3.0 + gain / 0.05 + consts.k_alpha * math.sqrt(reference.cost_var.item()), rel=1e-12
+    )
+    at_k = action_value_cost_surrogates(q_k, q_k, th.ones(n, dtype=th.float64), adv_s, w, consts)
+    assert at_k.cvar.item() == pytest.approx(3.0 + consts.k_alpha * 2.0, abs=1e-10)
 
 
 # ------------------------------------------------------------------------------- trust region

@@ -918,6 +918,52 @@ def test_cost_estimate_is_checked() -> None:
         _model(cost_estimate="crtic")
 
 
+def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trips(tmp_path: Any) -> None:
+    """``surrogate="action_value"``: two action-value critics are fitted to the reward and cost targets of
+    the replayed actions, the step's gradients run through them, and save/load keeps them."""
+    with pytest.raises(ValueError, match="surrogate must be one of 'importance', 'action_value'"):
+        _model(surrogate="q")
+    assert not hasattr(_model().policy, "reward_q_critic")  # the default builds none
+    model = _model(surrogate="action_value")
+    before = [p.detach().clone() for p in model.policy.cost_q_critic.parameters()]
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    model.learn(300)
+    values = model.logger.name_to_value
+    for key in ("train/reward_q_critic_loss", "train/cost_q_critic_loss", "diag/cost_q_critic_holdout_ev"):
+        assert key in values and math.isfinite(values[key])
+    assert any(not th.equal(a, b) for a, b in zip(before, model.policy.cost_q_critic.parameters(), strict=True))
+    # the reward gradient of the step is the pathwise one: zero when Q_R ignores the action
+    recorded: list[th.Tensor] = []
+    real_flat_grad = offtrc_module.flat_grad
+
+    def spy(output: th.Tensor, params: Any, **kwargs: Any) -> th.Tensor:
+        grad = real_flat_grad(output, params, **kwargs)
+        recorded.append(grad)
+        return grad
+
+    with th.no_grad():
+        last = model.policy.reward_q_critic.net[0]
+        last.weight[:, -model.action_space.shape[0] :] = 0.0  # Q_R(s, a) no longer depends on a
+    offtrc_module.flat_grad = spy
+    try:
+        model.train(gradient_steps=1)
+    finally:
+        offtrc_module.flat_grad = real_flat_grad
+    assert float(recorded[0].abs().max()) == 0.0 and float(recorded[1].abs().max()) > 0.0
+    obs = np.stack([model.env.observation_space.sample() for _ in range(8)])
+    model.save(tmp_path / "m.zip")
+    loaded = OffTRC.load(tmp_path / "m.zip", env=CostPendulum())
+    assert loaded.surrogate == "action_value"
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    for name in ("reward_q_critic", "cost_q_critic"):
+        saved, restored = getattr(model.policy, name), getattr(loaded.policy, name)
+        for a, b in zip(saved.parameters(), restored.parameters(), strict=True):
+            th.testing.assert_close(a, b)
+    state = loaded.policy.cost_q_optimizer.state_dict()["state"]
+    assert state and set(state) == set(model.policy.cost_q_optimizer.state_dict()["state"])
+    loaded.learn(100, reset_num_timesteps=False)
+
+
 def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:
     calls: dict[str, list[int]] = {"plain": [], "shrunk": []}
     for name, kwargs in (("plain", {}), ("shrunk", {"cost_gradient_shrinkage": True})):

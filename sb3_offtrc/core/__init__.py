@@ -6,7 +6,13 @@ Section numbers refer to ``shared/ALGORITHM.md``.
 """
 
 from sb3_offtrc.core.cvar import cvar_coefficient, gaussian_cvar
-from sb3_offtrc.core.surrogates import SurrogateConstants, cost_surrogates, reward_surrogate
+from sb3_offtrc.core.surrogates import (
+    SurrogateConstants,
+    action_value_cost_surrogates,
+    action_value_gain,
+    cost_surrogates,
+    reward_surrogate,
+)
 from sb3_offtrc.core.targets import OffPolicyTargets, linear_recurrence_backward, offpolicy_targets
 from sb3_offtrc.core.trust_region import (
     StepCase,
@@ -24,6 +30,8 @@ __all__ = [
     "StepCase",
     "StepSolution",
     "SurrogateConstants",
+    "action_value_cost_surrogates",
+    "action_value_gain",
     "adaptive_trust_region",
     "cost_surrogates",
     "cvar_coefficient",

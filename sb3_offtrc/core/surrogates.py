@@ -64,12 +64,44 @@ def cost_surrogates(
     weighted_baseline: bool = False,
 ) -> CostSurrogates:
     """``J_C``, ``V_C`` and the CVaR surrogate ``F = J_C + k sqrt(max(V_C, 1e-8))``."""
-    gamma = constants.gamma
     centred_c = centred_corrections(cost_advantages, weights, weighted_baseline)
+    mean_term = th.mean(ratio * centred_c) / (1.0 - constants.gamma)
+    return _with_variance(constants.cost_mean + mean_term, ratio, var_advantages, weights, constants, weighted_baseline)
+
+
+def _with_variance(
+    cost_mean: th.Tensor,
+    ratio: th.Tensor,
+    var_advantages: th.Tensor,
+    weights: th.Tensor,
+    constants: SurrogateConstants,
+    weighted_baseline: bool,
+) -> CostSurrogates:
+    """``V_C`` by the importance-weighted surrogate, and ``F = J_C + k sqrt(max(V_C, 1e-8))``."""
     centred_s = centred_corrections(var_advantages, weights, weighted_baseline)
-    mean_term = th.mean(ratio * centred_c) / (1.0 - gamma)
-    var_term = th.mean(ratio * centred_s) / (1.0 - gamma**2)
-    cost_mean = constants.cost_mean + mean_term
-    cost_var = constants.cost_var + var_term
+    cost_var = constants.cost_var + th.mean(ratio * centred_s) / (1.0 - constants.gamma**2)
     cvar = cost_mean + constants.k_alpha * th.sqrt(th.clamp(cost_var, min=1e-8))
     return CostSurrogates(cost_mean, cost_var, cvar)
+
+
+def action_value_gain(values: th.Tensor, values_k: th.Tensor) -> th.Tensor:
+    """``mean[Q(s, a_theta) - Q(s, a_k)]``: the change of the mean action value over the batch's states
+    when the reparameterised action ``a = mean(s) + std(s) eps`` moves from ``pi_k`` to ``pi_theta``
+    with the same noise ``eps`` (``OffTRC(surrogate="action_value")``). Zero at ``theta_k``; its
+    gradient is the pathwise (reparameterisation) gradient through the critic."""
+    return th.mean(values - values_k)
+
+
+def action_value_cost_surrogates(
+    cost_values: th.Tensor,
+    cost_values_k: th.Tensor,
+    ratio: th.Tensor,
+    var_advantages: th.Tensor,
+    weights: th.Tensor,
+    constants: SurrogateConstants,
+    weighted_baseline: bool = False,
+) -> CostSurrogates:
+    """``cost_surrogates`` with the mean read off an action-value cost critic: ``J_C = J_hat +
+    action_value_gain(Q_C(s, a_theta), Q_C(s, a_k)) / (1 - gamma)``; ``V_C`` stays importance-weighted."""
+    cost_mean = constants.cost_mean + action_value_gain(cost_values, cost_values_k) / (1.0 - constants.gamma)
+    return _with_variance(cost_mean, ratio, var_advantages, weights, constants, weighted_baseline)

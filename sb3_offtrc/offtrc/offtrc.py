@@ -31,6 +31,8 @@ from sb3_offtrc.common.replay_buffer_io import check_loaded_replay_buffer
 from sb3_offtrc.core import (
     StepCase,
     SurrogateConstants,
+    action_value_cost_surrogates,
+    action_value_gain,
     adaptive_trust_region,
     cost_surrogates,
     cvar_coefficient,
@@ -55,6 +57,8 @@ from sb3_offtrc.validation import (
 SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 #: the sources of the constraint's constants J_hat and V_hat (``OffTRC(cost_estimate=...)``)
 COST_ESTIMATES = ("window", "critic")
+#: how the step's reward objective and expected-cost term are estimated (``OffTRC(surrogate=...)``)
+SURROGATES = ("importance", "action_value")
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -94,6 +98,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         recent windows' states. The critics average over the whole replay buffer, so the estimate
         does not jump with the hazards one short window happened to meet (a deviation from the
         paper; docs/diagnosis.md).
+    :param surrogate: How the step's reward objective and the mean of its cost constraint depend on
+        the policy: ``"importance"`` (default, the paper): importance-weighted advantages of the
+        replayed actions (§3.5), whose gradient is a likelihood-ratio (score-function) estimate;
+        ``"action_value"``: two more critics ``Q_R(s, a)`` and ``Q_C(s, a)`` are fitted to the same
+        off-policy targets (``y_t`` is a target for the replayed action ``a_t``), and the surrogates
+        are ``mean[Q(s, a_theta) - Q(s, a_k)]`` over the batch's states, with the reparameterised
+        action ``a = mean(s) + std(s) eps`` and one noise draw per state and update: a pathwise
+        gradient through the critics, as SAC's actor takes it. The reward surrogate is divided by
+        the reward advantages' std, the cost term by ``1 - cost_gamma``; the CVaR's variance term
+        stays importance-weighted. The trust region, the dual and the line search are unchanged
+        (a deviation from the paper; docs/diagnosis.md).
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
     :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
         batch and the current policy (§3.6). ``False`` uses ``max_kl`` as is.
@@ -173,6 +188,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_limit: float = 0.025,
         cvar_alpha: float = 0.125,
         cost_estimate: str = "window",
+        surrogate: str = "importance",
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -247,6 +263,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cost_limit = cost_limit
         self.cvar_alpha = cvar_alpha
         self.cost_estimate = cost_estimate
+        self.surrogate = surrogate
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -312,6 +329,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.cost_estimate not in COST_ESTIMATES:
             choices = ", ".join(map(repr, COST_ESTIMATES))
             raise ValueError(f"OffTRC: cost_estimate must be one of {choices}, got {self.cost_estimate!r}")
+        if self.surrogate not in SURROGATES:
+            choices = ", ".join(map(repr, SURROGATES))
+            raise ValueError(f"OffTRC: surrogate must be one of {choices}, got {self.surrogate!r}")
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -409,8 +429,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 n_envs=self.n_envs,
                 **self.replay_buffer_kwargs,
             )
+        policy_kwargs = dict(self.policy_kwargs)
+        if self.surrogate == "action_value":
+            policy_kwargs["action_value_critics"] = True
         self.policy = self.policy_class(  # type: ignore[assignment]
-            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+            self.observation_space, self.action_space, self.lr_schedule, **policy_kwargs
         )
         self.policy = self.policy.to(self.device)
         self.train_freq = (self.n_steps // self.n_envs, "step")
@@ -652,12 +675,22 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self._log_critic_holdout(
             recent, (v_r[:n], v_c[:n], s_c[:n]), (targets.reward_target, targets.cost_target, std_target)
         )
+        if self.surrogate == "action_value":
+            with th.no_grad():
+                q_r, q_c = policy.action_values(policy.features(obs), actions)
+            self._log_critic_holdout(
+                recent, (q_r, q_c), (targets.reward_target, targets.cost_target), ("reward_q_critic", "cost_q_critic")
+            )
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
-        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target)
+        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions)
 
     def _log_critic_holdout(
-        self, recent: th.Tensor, predictions: tuple[th.Tensor, ...], wanted: tuple[th.Tensor, ...]
+        self,
+        recent: th.Tensor,
+        predictions: tuple[th.Tensor, ...],
+        wanted: tuple[th.Tensor, ...],
+        names: tuple[str, ...] = ("reward_critic", "cost_critic", "cost_std_critic"),
     ) -> None:
         """Critic error on the newest windows before the critics have been fitted to them.
 
@@ -665,9 +698,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         own ``*_critic_loss`` is on the rows it was fitted to). ``*_holdout_ev`` is the explained
         variance 1 - MSE / Var(target): 1 is perfect, 0 is no better than a constant.
         """
-        for name, prediction, target in zip(
-            ("reward_critic", "cost_critic", "cost_std_critic"), predictions, wanted, strict=True
-        ):
+        for name, prediction, target in zip(names, predictions, wanted, strict=True):
             error = prediction[recent] - target[recent]
             mse = float(th.mean(error**2))
             variance = float(th.var(target[recent])) if int(recent.sum()) > 1 else math.nan
@@ -726,16 +757,41 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         eps = adaptive_trust_region(self.max_kl, kappa) if self.adaptive_trust_region else self.max_kl
         limit = self.cost_return_limit  # the CVaR limit D
         ent_coef = self._entropy_weight()
+        action_value = self.surrogate == "action_value"
+        if action_value:
+            # one noise draw per state, fixed for the update: the reparameterised actions of pi_k and of
+            # every policy the line search tries differ only by the policy
+            features = policy.features(obs)
+            noise = th.randn_like(mean_k)
+            with th.no_grad():
+                q_r_k, q_c_k = policy.action_values(features, mean_k + std_k * noise)
+            reward_scale = float(targets.reward_advantage.std()) + 1e-8
+
+        def terms(
+            rows: th.Tensor | slice, mean: th.Tensor, std: th.Tensor, ratio: th.Tensor
+        ) -> tuple[th.Tensor, th.Tensor]:
+            """The reward objective (without entropy) and the CVaR surrogate on the given rows."""
+            if action_value:
+                q_r, q_c = policy.action_values(features[rows], mean[rows] + std[rows] * noise[rows])
+                objective = action_value_gain(q_r, q_r_k[rows]) / reward_scale
+                cvar = action_value_cost_surrogates(
+                    q_c, q_c_k[rows], ratio[rows], targets.var_advantage[rows], rho[rows], constants,
+                    self.weighted_baseline,
+                ).cvar  # fmt: skip
+                return objective, cvar
+            objective = reward_surrogate(ratio[rows], targets.reward_advantage[rows], rho[rows], self.weighted_baseline)
+            cvar = cost_surrogates(
+                ratio[rows], targets.cost_advantage[rows], targets.var_advantage[rows], rho[rows], constants,
+                self.weighted_baseline,
+            ).cvar  # fmt: skip
+            return objective, cvar
 
         def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
             mean, std = policy.distribution(obs)
             ratio = th.exp(gaussian_log_prob(actions, mean, std) - log_pi_k)
-            objective = reward_surrogate(ratio, targets.reward_advantage, rho, self.weighted_baseline)
+            objective, cvar = terms(slice(None), mean, std, ratio)
             if ent_coef > 0.0:
                 objective = objective + ent_coef * gaussian_entropy(std).mean()
-            cvar = cost_surrogates(
-                ratio, targets.cost_advantage, targets.var_advantage, rho, constants, self.weighted_baseline
-            ).cvar
             return objective, cvar, mean, std, ratio
 
         objective, cvar, mean, std, ratio = surrogates()
@@ -745,7 +801,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         b = flat_grad(cvar, params, retain_graph=True)
         halves = None
         if self.cost_gradient_shrinkage or self._n_updates % self.split_half_interval == 0:
-            halves = self._split_half_gradients(params, ratio, targets, rho, constants)
+            halves = self._split_half_gradients(params, ratio.shape[0], lambda rows: terms(rows, mean, std, ratio))
         # The Hessian of the mean KL at theta_k, as the Fisher product (same matrix, cheaper; see core).
         fisher_mean, fisher_std = self._fisher_outputs(obs, mean, std)
         hessian_vector_product = gaussian_fisher_vector_product(fisher_mean, fisher_std, params, self.damping)
@@ -838,34 +894,21 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         return min(1.0, max(self.min_cost_gradient_shrink, agreed / total))
 
     def _split_half_gradients(
-        self,
-        params: list[th.nn.Parameter],
-        ratio: th.Tensor,
-        targets: Any,
-        rho: th.Tensor,
-        constants: SurrogateConstants,
+        self, params: list[th.nn.Parameter], n: int, half_terms: Any
     ) -> dict[str, list[th.Tensor]] | None:
         """The reward and CVaR gradients of two halves of the batch, and their cosines (logged).
 
         The halves are alternating blocks of 100 consecutive rows (neighbouring steps are strongly
         correlated, so alternate rows would look alike for no good reason). Cosine near 1: the
-        gradient is signal; near 0: the step follows noise.
+        gradient is signal; near 0: the step follows noise. ``half_terms(rows)`` gives the reward
+        objective and the CVaR surrogate on a boolean row mask.
         """
-        n = ratio.shape[0]
-        block = (th.arange(n, device=ratio.device) // 100) % 2 == 0
+        block = (th.arange(n, device=self.device) // 100) % 2 == 0
         if int(block.sum()) < 2 or int((~block).sum()) < 2:
             return None
         grads: dict[str, list[th.Tensor]] = {"reward": [], "cvar": []}
         for half in (block, ~block):
-            objective = reward_surrogate(ratio[half], targets.reward_advantage[half], rho[half], self.weighted_baseline)
-            cvar = cost_surrogates(
-                ratio[half],
-                targets.cost_advantage[half],
-                targets.var_advantage[half],
-                rho[half],
-                constants,
-                self.weighted_baseline,
-            ).cvar
+            objective, cvar = half_terms(half)
             grads["reward"].append(flat_grad(objective, params, retain_graph=True))
             grads["cvar"].append(flat_grad(cvar, params, retain_graph=True))
         for name, (first, second) in grads.items():
@@ -941,7 +984,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         return self.line_search_max_iter, True, 0.0, objective_k, std_k, cvar_k
 
     def _fit_critics(
-        self, obs: th.Tensor, reward_target: th.Tensor, cost_target: th.Tensor, std_target: th.Tensor
+        self,
+        obs: th.Tensor,
+        reward_target: th.Tensor,
+        cost_target: th.Tensor,
+        std_target: th.Tensor,
+        actions: th.Tensor | None = None,
     ) -> None:
         policy = self.policy
         with th.no_grad():
@@ -952,6 +1000,18 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             ("cost_std_critic_loss", policy.cost_std_critic, policy.cost_std_optimizer, std_target),
         ]
         self._check_critic_targets(jobs)
+        self._fit_jobs(features, jobs)
+        if self.surrogate == "action_value":
+            # Q(s_t, a_t) on the same targets: y_t starts with the replayed action's own reward or cost
+            assert actions is not None
+            q_jobs = [
+                ("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target),
+                ("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target),
+            ]
+            self._fit_jobs(th.cat([features, actions], dim=-1), q_jobs)
+
+    def _fit_jobs(self, features: th.Tensor, jobs: Sequence[tuple[str, th.nn.Module, Any, th.Tensor]]) -> None:
+        """Fit each critic of ``jobs`` to its target on the input rows ``features``."""
         n_rows = features.shape[0]
         if self.critic_batch_size is not None and self.critic_batch_size < n_rows:
             for name, critic, optimizer, target in jobs:
@@ -1058,7 +1118,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         return [*super()._excluded_save_params(), "_behaviour", "_rollout_actor", "_rollout_rng"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
-        return ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"], []
+        names = ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"]
+        if getattr(self.policy, "action_value_critics", False):
+            names += ["policy.reward_q_optimizer", "policy.cost_q_optimizer"]
+        return names, []
 
 
 def _observation_space_error(space: spaces.Space | None) -> ValueError:

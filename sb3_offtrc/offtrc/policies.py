@@ -176,6 +176,8 @@ class OffTRCPolicy(BasePolicy):
     :param optimizer_class: Critic optimiser class (default Adam)
     :param optimizer_kwargs: Critic optimiser keyword arguments. With Adam and neither ``fused`` nor
         ``foreach`` given, ``fused=True`` is added (torch's single-kernel Adam step, same update)
+    :param action_value_critics: Also build action-value critics ``Q_R(s, a)`` and ``Q_C(s, a)`` (MLPs
+        on the features and the action), used by ``OffTRC(surrogate="action_value")``, which sets it
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class OffTRCPolicy(BasePolicy):
         normalize_images: bool = True,
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
+        action_value_critics: bool = False,
     ) -> None:
         super().__init__(
             observation_space,
@@ -232,6 +235,11 @@ class OffTRCPolicy(BasePolicy):
         self.reward_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
         self.cost_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
         self.cost_std_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=True)
+        self.action_value_critics = bool(action_value_critics)
+        if self.action_value_critics:
+            # Q(s, a): the same MLP on the features and the (unclipped, [-1, 1]-unit) action side by side
+            self.reward_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+            self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
 
         # One optimiser per critic over its own parameters (the authors' torch port gives the
         # std critic's optimiser the mean critic's parameters; ALGORITHM.md §3.9).
@@ -250,6 +258,13 @@ class OffTRCPolicy(BasePolicy):
         self.cost_std_optimizer = optimizer_class(  # type: ignore[call-arg]
             self.cost_std_critic.parameters(), lr=lr, **kwargs
         )
+        if self.action_value_critics:
+            self.reward_q_optimizer = optimizer_class(  # type: ignore[call-arg]
+                self.reward_q_critic.parameters(), lr=lr, **kwargs
+            )
+            self.cost_q_optimizer = optimizer_class(  # type: ignore[call-arg]
+                self.cost_q_critic.parameters(), lr=lr, **kwargs
+            )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -263,6 +278,7 @@ class OffTRCPolicy(BasePolicy):
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,
             lr_schedule=self._dummy_schedule,
+            action_value_critics=self.action_value_critics,
         )
         return data
 
@@ -272,7 +288,10 @@ class OffTRCPolicy(BasePolicy):
 
     @property
     def critic_optimizers(self) -> list[th.optim.Optimizer]:
-        return [self.reward_optimizer, self.cost_optimizer, self.cost_std_optimizer]
+        optimizers = [self.reward_optimizer, self.cost_optimizer, self.cost_std_optimizer]
+        if self.action_value_critics:
+            optimizers += [self.reward_q_optimizer, self.cost_q_optimizer]
+        return optimizers
 
     def features(self, obs: th.Tensor) -> th.Tensor:
         return self.extract_features(obs, self.features_extractor)
@@ -285,6 +304,13 @@ class OffTRCPolicy(BasePolicy):
         """``V_R(s)``, ``V_C(s)`` and ``S_C(s)`` (the cost-return std)."""
         feats = self.features(obs)
         return self.reward_critic(feats), self.cost_critic(feats), self.cost_std_critic(feats)
+
+    def action_values(self, features: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """``Q_R(s, a)`` and ``Q_C(s, a)`` from the features of ``s`` (``action_value_critics=True`` only)."""
+        if not self.action_value_critics:
+            raise ValueError("this policy has no action-value critics: build it with action_value_critics=True")
+        inputs = th.cat([features, actions], dim=-1)
+        return self.reward_q_critic(inputs), self.cost_q_critic(inputs)
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
