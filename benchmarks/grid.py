@@ -506,7 +506,19 @@ LEARN5 = _study_round(
 #: likelihood-ratio gradients of the importance surrogates were noise in the step's metric (finding 18)
 LEARN6 = _study_round(
     "learn6",
-    {"rec_actionvalue": {**get_preset("recommended"), "surrogate": "action_value"}},
+    {
+        "rec_actionvalue": {**get_preset("recommended"), "surrogate": "action_value"},
+        # ... with the inputs and cost horizon under which the cost critic did predict the cost (round
+        # 5's third arm: held-out explained variance 0.89-0.94), so that Q_C's action gradient has
+        # something to say
+        "rec_actionvalue_lidarmax_cg0.9_td": {
+            **get_preset("recommended"),
+            "surrogate": "action_value",
+            "cost_gamma": 0.9,
+            "cost_gae_lambda": 0.0,
+            "env": {"observation": "lidar_max"},
+        },
+    },
     seeds=[0, 1, 2],
     budget=300_000,
 )
