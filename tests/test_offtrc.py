@@ -918,21 +918,29 @@ def test_cost_estimate_is_checked() -> None:
         _model(cost_estimate="crtic")
 
 
-def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trips(tmp_path: Any) -> None:
+def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trips(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``surrogate="action_value"``: two action-value critics are fitted to the reward and cost targets of
-    the replayed actions, the step's gradients run through them, and save/load keeps them."""
+    the replayed actions, the step's gradients run through them (with one noise draw per update), and
+    save/load keeps them."""
     with pytest.raises(ValueError, match="surrogate must be one of 'importance', 'action_value'"):
         _model(surrogate="q")
-    assert not hasattr(_model().policy, "reward_q_critic")  # the default builds none
-    model = _model(surrogate="action_value")
+    with pytest.raises(ValueError, match="pass surrogate='action_value' to OffTRC"):
+        _model(policy_kwargs=dict(net_arch=[16, 16], action_value_critics=True))
+    default = _model()
+    assert not hasattr(default.policy, "reward_q_critic")  # the default builds none
+    # the expected-cost constraint (k = 0): the CVaR's gradient is the cost critic's pathwise one only
+    model = _model(surrogate="action_value", cvar_alpha=1.0)
     before = [p.detach().clone() for p in model.policy.cost_q_critic.parameters()]
-    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
     model.learn(300)
     values = model.logger.name_to_value
     for key in ("train/reward_q_critic_loss", "train/cost_q_critic_loss", "diag/cost_q_critic_holdout_ev"):
         assert key in values and math.isfinite(values[key])
     assert any(not th.equal(a, b) for a, b in zip(before, model.policy.cost_q_critic.parameters(), strict=True))
-    # the reward gradient of the step is the pathwise one: zero when Q_R ignores the action
+    # at theta_k the surrogate is the measured constant: the same noise drew a_k and the first a_theta
+    assert values["train/cvar"] == pytest.approx(values["train/cost_mean"], rel=1e-6, abs=1e-6)
+
     recorded: list[th.Tensor] = []
     real_flat_grad = offtrc_module.flat_grad
 
@@ -941,15 +949,22 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
         recorded.append(grad)
         return grad
 
-    with th.no_grad():
-        last = model.policy.reward_q_critic.net[0]
-        last.weight[:, -model.action_space.shape[0] :] = 0.0  # Q_R(s, a) no longer depends on a
-    offtrc_module.flat_grad = spy
-    try:
+    monkeypatch.setattr(offtrc_module, "flat_grad", spy)
+    action_dim = model.action_space.shape[0]
+
+    def step_gradients() -> tuple[float, float]:
+        recorded.clear()
         model.train(gradient_steps=1)
-    finally:
-        offtrc_module.flat_grad = real_flat_grad
-    assert float(recorded[0].abs().max()) == 0.0 and float(recorded[1].abs().max()) > 0.0
+        return float(recorded[0].abs().max()), float(recorded[1].abs().max())  # g, then b
+
+    assert min(step_gradients()) > 0.0
+    with th.no_grad():  # neither critic depends on the action any more: both gradients vanish
+        model.policy.reward_q_critic.net[0].weight[:, -action_dim:] = 0.0
+        model.policy.cost_q_critic.net[0].weight[:, -action_dim:] = 0.0
+    with pytest.warns(UserWarning, match="the cost gradient vanishes"):  # and the solver says so
+        assert step_gradients() == (0.0, 0.0)
+    monkeypatch.undo()
+
     obs = np.stack([model.env.observation_space.sample() for _ in range(8)])
     model.save(tmp_path / "m.zip")
     loaded = OffTRC.load(tmp_path / "m.zip", env=CostPendulum())
@@ -959,9 +974,17 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
         saved, restored = getattr(model.policy, name), getattr(loaded.policy, name)
         for a, b in zip(saved.parameters(), restored.parameters(), strict=True):
             th.testing.assert_close(a, b)
-    state = loaded.policy.cost_q_optimizer.state_dict()["state"]
-    assert state and set(state) == set(model.policy.cost_q_optimizer.state_dict()["state"])
+    for name in ("reward_q_optimizer", "cost_q_optimizer"):
+        state = getattr(loaded.policy, name).state_dict()["state"]
+        assert state and set(state) == set(getattr(model.policy, name).state_dict()["state"])
+    assert len(loaded.policy.critic_optimizers) == 5  # the learning-rate schedule reaches all five
     loaded.learn(100, reset_num_timesteps=False)
+    # a model keeps its surrogate: loading it with another one is refused, either way round
+    default.save(tmp_path / "plain.zip")
+    with pytest.raises(ValueError, match="keeps the surrogate it was built with"):
+        OffTRC.load(tmp_path / "plain.zip", surrogate="action_value")
+    with pytest.raises(ValueError, match="keeps the surrogate it was built with"):
+        OffTRC.load(tmp_path / "m.zip", surrogate="importance")
 
 
 def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:

@@ -430,6 +430,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 **self.replay_buffer_kwargs,
             )
         policy_kwargs = dict(self.policy_kwargs)
+        if "action_value_critics" in policy_kwargs:
+            raise ValueError(
+                "OffTRC builds the action-value critics itself: pass surrogate='action_value' to OffTRC "
+                "instead of action_value_critics in policy_kwargs"
+            )
         if self.surrogate == "action_value":
             policy_kwargs["action_value_critics"] = True
         self.policy = self.policy_class(  # type: ignore[assignment]
@@ -683,7 +688,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             )
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
-        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions)
+        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=actions)
 
     def _log_critic_holdout(
         self,
@@ -1003,7 +1008,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self._fit_jobs(features, jobs)
         if self.surrogate == "action_value":
             # Q(s_t, a_t) on the same targets: y_t starts with the replayed action's own reward or cost
-            assert actions is not None
+            if actions is None:
+                raise ValueError(
+                    "OffTRC(surrogate='action_value') fits its action-value critics on the batch's actions"
+                )
             q_jobs = [
                 ("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target),
                 ("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target),
@@ -1097,15 +1105,25 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         a trusted source.
         """
         check_model_zip(path, "OffTRC", ("n_recent", "n_batch", "cvar_alpha"))
-        return super().load(  # type: ignore[return-value]
-            path,
-            env=env,
-            device=device,
-            custom_objects=custom_objects,
-            print_system_info=print_system_info,
-            force_reset=force_reset,
-            **kwargs,
-        )
+        try:
+            return super().load(  # type: ignore[return-value]
+                path,
+                env=env,
+                device=device,
+                custom_objects=custom_objects,
+                print_system_info=print_system_info,
+                force_reset=force_reset,
+                **kwargs,
+            )
+        except RuntimeError as exc:
+            # the policy's state dict lacks (or has extra) action-value critics
+            if "q_critic" not in str(exc) or "surrogate" not in kwargs:
+                raise
+            raise ValueError(
+                f"{path} was saved with another surrogate than surrogate={kwargs['surrogate']!r}: a model keeps the "
+                "surrogate it was built with (its action-value critics are part of the policy). Load it without "
+                "surrogate=..., or train a new model with the surrogate you want."
+            ) from None
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
         """SB3's ``load_replay_buffer``, which unpickles ``path`` (load only files you trust); a buffer that
