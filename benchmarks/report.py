@@ -37,9 +37,11 @@ import numpy as np
 import pandas as pd
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALGO_ORDER = ["offtrc_recommended", "offtrc", "offtrc_cpu", "sac_lag", "ppo_lag", "sac", "ppo"]
+ALGO_ORDER = ["offtrc_recommended", "rec_actionvalue", "offtrc", "offtrc_cpu", "sac_lag", "ppo_lag", "sac", "ppo"]
 LABELS = {
     "offtrc_recommended": "OffTRC (recommended preset)",
+    # the learning study's round 6 (benchmarks/grid.py LEARN6): the preset with surrogate="action_value"
+    "rec_actionvalue": "OffTRC (recommended, action-value surrogate)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",
