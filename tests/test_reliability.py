@@ -257,9 +257,9 @@ def test_a_diverging_critic_stops_training(monkeypatch: pytest.MonkeyPatch) -> N
     # a fit that leaves a NaN in the cost critic, as an exploding gradient would
     fit = model._fit_critics
 
-    def poisoned_fit(*args: Any) -> None:
+    def poisoned_fit(*args: Any, **kwargs: Any) -> None:
         next(model.policy.cost_critic.parameters()).data[0] = NAN
-        fit(*args)
+        fit(*args, **kwargs)
 
     monkeypatch.setattr(model, "_fit_critics", poisoned_fit)
     with pytest.raises(ValueError, match=r"cost_critic diverged"):
