@@ -681,10 +681,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             recent, (v_r[:n], v_c[:n], s_c[:n]), (targets.reward_target, targets.cost_target, std_target)
         )
         if self.surrogate == "action_value":
+            # only the held-out (recent) rows are scored: no forward pass over the whole batch for a log line
             with th.no_grad():
-                q_r, q_c = policy.action_values(policy.features(obs), actions)
+                q_r, q_c = policy.action_values(policy.features(obs[recent]), actions[recent])
             self._log_critic_holdout(
-                recent, (q_r, q_c), (targets.reward_target, targets.cost_target), ("reward_q_critic", "cost_q_critic")
+                th.ones_like(q_r, dtype=th.bool),
+                (q_r, q_c),
+                (targets.reward_target[recent], targets.cost_target[recent]),
+                ("reward_q_critic", "cost_q_critic"),
             )
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
