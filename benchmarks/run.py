@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the learning study's sixth round: action-value surrogates (reparameterised gradients), 300k steps",
     )
     group.add_argument(
+        "--learn7",
+        action="store_true",
+        help="the learning study's seventh round: action-value step, J_hat from 5 windows; all three tasks",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(
