@@ -49,6 +49,8 @@ ALGOS: dict[str, tuple[str, str, bool]] = {
 OFF_POLICY = ("offtrc", "sac", "sac_lag")
 #: sb3_offtrc.offtrc.presets.PRESETS's names, spelled out so that `--help` needs no torch import
 PRESET_NAMES = ("cpu", "paper", "recommended")
+#: sb3_offtrc.envs.safety.OBSERVATION_CHOICES, spelled out for the same reason
+OBSERVATION_CHOICES = ("native", "paper", "lidar_max")
 CONFIG_FILE = "config.json"
 
 
@@ -246,6 +248,21 @@ def _env_kwargs(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, A
     if args.env_kwargs is not None:
         return parse_hyperparams(args.env_kwargs, "--env-kwargs")
     return dict(config.get("env_kwargs") or {})
+
+
+def _with_observation(env_kwargs: dict[str, Any], observation: str, env_id: str) -> dict[str, Any]:
+    """``--observation`` as the env keyword it stands for (saved in config.json with the others)."""
+    given = env_kwargs.get("observation", observation)
+    if given != observation:
+        raise CliError(
+            f"--observation {observation} and --env-kwargs observation={given} disagree: give the observation once"
+        )
+    if observation != "native" and "Safety" not in env_id:
+        raise CliError(
+            f"--observation {observation} is defined for the Safety-Gymnasium tasks only, not {env_id}; "
+            "leave it out (or --observation native)"
+        )
+    return {**env_kwargs, "observation": observation}
 
 
 def episode_horizon(env: gym.Env) -> int | None:
@@ -494,6 +511,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     constrained = ALGOS[args.algo][2]
     hyperparams = parse_hyperparams(args.hyperparams or [])
     env_kwargs = parse_hyperparams(args.env_kwargs or [], "--env-kwargs")
+    if args.observation is not None:
+        env_kwargs = _with_observation(env_kwargs, args.observation, env_id)
     if args.preset is not None:
         if args.algo != "offtrc":
             print("--preset applies to --algo offtrc only", file=sys.stderr)
@@ -870,6 +889,13 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--subproc", action="store_true", help="SubprocVecEnv instead of DummyVecEnv")
     train.add_argument("--hyperparams", nargs="*", metavar="KEY=VALUE", help="constructor overrides")
     train.add_argument("--env-kwargs", nargs="*", metavar="KEY=VALUE", help="keyword arguments of gym.make")
+    train.add_argument(
+        "--observation",
+        choices=OBSERVATION_CHOICES,
+        default=None,
+        help="observation of a Safety-Gymnasium task: native (its own), paper (the authors' scaled 24-dim Goal "
+        "observation) or lidar_max (native plus each lidar's largest bin); evaluate and record reuse it",
+    )
     train.add_argument(
         "--preset",
         choices=PRESET_NAMES,

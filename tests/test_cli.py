@@ -194,6 +194,39 @@ def test_env_kwargs_reach_training_eval_and_the_config(tmp_path, capsys) -> None
     assert result["mean_cost"] == result["mean_ep_length"] == 100.0
 
 
+def test_observation_flag_names_the_fix_for_bad_input(tmp_path, capsys) -> None:
+    out = str(tmp_path / "obs")
+    # HazardPoint has one observation: another is a usage error naming the fix, before anything is built
+    assert main(["train", "--env", "HazardPoint-v0", "--observation", "paper", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "Safety-Gymnasium tasks only" in err and "--observation native" in err and "Traceback" not in err
+    argv = ["train", "--env", "SafetyPointGoal1-v0", "--observation", "paper", "--env-kwargs", "observation=lidar_max",
+            "--out", out]  # fmt: skip
+    assert main(argv) == 2
+    assert "disagree" in capsys.readouterr().err
+
+
+@pytest.mark.safety
+def test_observation_flag_reaches_training_eval_and_the_config(tmp_path, capsys) -> None:
+    from sb3_offtrc.compat.safety_gymnasium import safety_gymnasium_available
+
+    if not safety_gymnasium_available():
+        pytest.skip("safety_gymnasium not installed")
+    out = str(tmp_path / "paper_obs")
+    argv = ["train", "--algo", "sac", "--env", "SafetyPointGoal1-v0", "--observation", "paper", "--timesteps", "150",
+            "--out", out, "--hyperparams", *SMALL_SAC]  # fmt: skip
+    assert main(argv) == 0
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["env_kwargs"] == {"observation": "paper"}
+    from stable_baselines3 import SAC
+
+    assert SAC.load(os.path.join(out, "model.zip")).observation_space.shape == (24,)  # the paper's layout
+    capsys.readouterr()
+    # eval rebuilds the env from config.json: a native 60-dim observation would not load the model
+    assert main(["eval", out, "--episodes", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_ep_length"] == 1000.0
+
+
 def test_unimportable_env_module_names_the_fix(tmp_path, capsys) -> None:
     assert main(["train", "--env", "no_such_module_xyz:Foo-v0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
