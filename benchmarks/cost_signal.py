@@ -117,6 +117,8 @@ def fit_and_score(
 
 
 def main() -> None:
+    from onerun import code_version  # the commit of this checkout (the script's folder is on sys.path)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="SafetyPointGoal1-v0")
     parser.add_argument("--seed", type=int, default=0)
@@ -155,6 +157,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "env": args.env, "seed": args.seed, "steps": args.steps, "episodes": n_episodes,
         "cost_per_episode": float(costs.sum() / n_episodes), "critics": [], "gradient": {},
+        "code": code_version(),
     }  # fmt: skip
 
     # 1. critic generalisation

@@ -169,6 +169,8 @@ def measure(name: str, preset: dict[str, Any], repeats: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    from onerun import code_version  # the commit of this checkout (the script's folder is on sys.path)
+
     from sb3_offtrc import get_preset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +190,10 @@ def main() -> None:
         )
     load = os.getloadavg()[0]
     print(f"torch threads {th.get_num_threads()}, 1-minute load average {load:.1f}")
-    result = {"threads": th.get_num_threads(), "load_average": load, "torch": th.__version__, "rows": rows}
+    result = {
+        "threads": th.get_num_threads(), "load_average": load, "torch": th.__version__, "rows": rows,
+        "code": code_version(),
+    }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

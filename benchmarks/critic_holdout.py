@@ -230,6 +230,8 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from onerun import code_version  # the commit of this checkout (the script's folder is on sys.path)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="SafetyPointGoal1-v0")
     parser.add_argument("--seed", type=int, default=0)
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         args.env, args.steps, args.skip = "HazardPoint-v0", 3_000, 0
         hyperparams.update(n_steps=500, n_recent=500, n_batch=1_500, buffer_size=3_000)
     result = run(args.env, args.seed, args.steps, args.configs, args.skip, hyperparams)
+    result["code"] = code_version()
     print(table(result))
     out = Path(args.out) if args.out else RESULTS / f"critic_holdout_{args.env.replace('/', '_')}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,8 @@ def batch_scaling(
 
 
 def main() -> None:
+    from onerun import code_version  # the commit of this checkout (the script's folder is on sys.path)
+
     from sb3_offtrc import get_preset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,6 +258,7 @@ def main() -> None:
     steps = 1000 if args.quick else 3000
     result: dict[str, Any] = {
         "env": args.env,
+        "code": code_version(),
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": th.get_num_threads(),

@@ -673,6 +673,7 @@ def test_cost_signal_quick_run_writes_its_tables(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert {c["target"] for c in report["critics"]} == {"reward", "cost"}
+    assert set(report["code"]) == {"commit", "dirty"}  # which code measured it
     assert {c["gamma"] for c in report["critics"] if c["target"] == "cost"} == {0.0, 0.9, 0.99}
     assert sum(report["gradient"]["norm_share"].values()) == pytest.approx(1.0, rel=1e-4)
     splits = report["gradient"]["split_half"]
