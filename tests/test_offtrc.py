@@ -987,6 +987,99 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
         OffTRC.load(tmp_path / "m.zip", surrogate="importance")
 
 
+def test_td_action_value_fit_reaches_the_bellman_fixed_point() -> None:
+    """``fit_td_action_value`` on a two-state cycle s0 -> s1 -> s0 with cost 1 in s0 and none in s1:
+    the fixed point of ``Q(s) = c(s) + gamma Q(s')`` is ``1 / (1 - gamma^2)`` in s0 and ``gamma``
+    times that in s1, whatever the action (closed form); a terminal row bootstraps nothing."""
+    from sb3_offtrc.offtrc.offtrc import fit_td_action_value
+    from sb3_offtrc.offtrc.policies import ValueCritic
+
+    th.manual_seed(0)
+    gamma, n = 0.5, 400
+    state = th.arange(n) % 2  # s0, s1, s0, ...
+    features = th.nn.functional.one_hot(state, 2).float()
+    next_features = th.nn.functional.one_hot(1 - state, 2).float()
+    actions = th.rand(n, 1) * 2 - 1  # the replayed actions: the cost does not depend on them
+    costs = (state == 0).float()
+    critic = ValueCritic(3, [32, 32], th.nn.ReLU, positive=False)
+    target = ValueCritic(3, [32, 32], th.nn.ReLU, positive=False)
+    target.load_state_dict(critic.state_dict())
+    optimizer = th.optim.Adam(critic.parameters(), lr=3e-3)
+    generator = th.Generator().manual_seed(1)
+
+    def fit(fails: th.Tensor, steps: int) -> float:
+        return fit_td_action_value(
+            critic, target, optimizer, th.cat([features, actions], dim=-1), next_features,
+            th.zeros(n, 1), th.full((n, 1), 0.5), costs, fails,
+            gamma=gamma, n_steps=steps, batch_size=64, tau=0.05, max_grad_norm=10.0, generator=generator,
+        )  # fmt: skip
+
+    loss = fit(th.zeros(n), 3000)
+    assert math.isfinite(loss) and loss < 1e-3
+    probe = th.tensor([[1.0, 0.0, -0.9], [1.0, 0.0, 0.9], [0.0, 1.0, -0.9], [0.0, 1.0, 0.9]])
+    with th.no_grad():
+        q = critic(probe)
+    s0 = 1.0 / (1.0 - gamma**2)
+    th.testing.assert_close(q, th.tensor([s0, s0, gamma * s0, gamma * s0]), atol=0.03, rtol=0.0)
+    # the target network follows at rate tau and takes no gradient
+    assert all(not p.requires_grad or p.grad is None for p in target.parameters())
+    with th.no_grad():
+        assert float((target(probe) - q).abs().max()) < 0.03
+    # every row terminal: Q is the step cost alone
+    fit(th.ones(n), 3000)
+    with th.no_grad():
+        th.testing.assert_close(critic(probe), th.tensor([1.0, 1.0, 0.0, 0.0]), atol=0.03, rtol=0.0)
+
+
+def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(tmp_path: Any) -> None:
+    """``cost_q_target="td"``: Q_C is fitted on its own one-step targets through a target network that
+    the policy keeps (and save/load restores); Q_R stays on the off-policy targets; bad input is refused."""
+    with pytest.raises(ValueError, match="pass surrogate='action_value' as well"):
+        _model(cost_q_target="td")
+    with pytest.raises(ValueError, match="cost_q_target must be one of 'retrace', 'td'"):
+        _model(surrogate="action_value", cost_q_target="sarsa")
+    with pytest.raises(ValueError, match="cost_q_gradient_steps"):
+        _model(surrogate="action_value", cost_q_target="td", cost_q_gradient_steps=0)
+    with pytest.raises(ValueError, match="pass cost_q_target='td' to OffTRC"):
+        _model(surrogate="action_value", policy_kwargs=dict(net_arch=[16, 16], cost_q_target_network=True))
+    assert not hasattr(_model(surrogate="action_value").policy, "cost_q_critic_target")  # retrace: none
+
+    model = _model(surrogate="action_value", cost_q_target="td", cost_q_gradient_steps=50, cvar_alpha=1.0)
+    policy = model.policy
+    target_before = [p.detach().clone() for p in policy.cost_q_critic_target.parameters()]
+    calls: list[int] = []
+    real_fit_jobs = model._fit_jobs
+
+    def spy(features: th.Tensor, jobs: Any) -> None:
+        calls.append(len(jobs))
+        names = [job[0] for job in jobs]
+        assert "cost_q_critic_loss" not in names  # Q_C is not fitted to the off-policy targets
+        real_fit_jobs(features, jobs)
+
+    model._fit_jobs = spy  # type: ignore[method-assign]
+    model.learn(300)
+    assert calls  # the value critics and Q_R were fitted as before
+    values = model.logger.name_to_value
+    assert math.isfinite(values["train/cost_q_critic_loss"]) and math.isfinite(values["train/reward_q_critic_loss"])
+    moved = [
+        float((a - b).abs().max()) for a, b in zip(target_before, policy.cost_q_critic_target.parameters(), strict=True)
+    ]
+    assert max(moved) > 0.0  # the target network followed Q_C ...
+    gaps = [
+        float((a.detach() - b).abs().max())
+        for a, b in zip(policy.cost_q_critic.parameters(), policy.cost_q_critic_target.parameters(), strict=True)
+    ]
+    assert max(gaps) > 0.0  # ... slowly: it is not Q_C itself
+    model.save(tmp_path / "td.zip")
+    loaded = OffTRC.load(tmp_path / "td.zip", env=CostPendulum())
+    assert loaded.cost_q_target == "td" and loaded.cost_q_gradient_steps == 50
+    for a, b in zip(
+        policy.cost_q_critic_target.parameters(), loaded.policy.cost_q_critic_target.parameters(), strict=True
+    ):
+        th.testing.assert_close(a, b)
+    loaded.learn(100, reset_num_timesteps=False)
+
+
 def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:
     calls: dict[str, list[int]] = {"plain": [], "shrunk": []}
     for name, kwargs in (("plain", {}), ("shrunk", {"cost_gradient_shrinkage": True})):

@@ -59,6 +59,7 @@ SelfOffTRC = TypeVar("SelfOffTRC", bound="OffTRC")
 COST_ESTIMATES = ("window", "critic")
 #: how the step's reward objective and expected-cost term are estimated (``OffTRC(surrogate=...)``)
 SURROGATES = ("importance", "action_value")
+COST_Q_TARGETS = ("retrace", "td")
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -109,6 +110,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         the reward advantages' std, the cost term by ``1 - cost_gamma``; the CVaR's variance term
         stays importance-weighted. The trust region, the dual and the line search are unchanged
         (a deviation from the paper; docs/diagnosis.md).
+    :param cost_q_target: How ``surrogate="action_value"`` fits its cost critic ``Q_C(s, a)``:
+        ``"retrace"`` (default) on the off-policy cost targets the other critics get; ``"td"`` as
+        SAC-Lagrangian fits its cost critic, on one-step targets ``c_t + cost_gamma (1 - fail_t)
+        Q_C'(s_{t+1}, a')`` with ``a'`` drawn from the policy after the step and ``Q_C'`` a copy of
+        ``Q_C`` that follows it by Polyak averaging (``cost_q_tau`` per Adam step), in
+        ``cost_q_gradient_steps`` minibatch steps per update drawn at random from the batch (a
+        deviation from the paper; docs/diagnosis.md).
+    :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
+        ``critic_batch_size`` rows (256 if that is None); ``None`` (default): one per env step collected
+        since the last update (``n_steps``), as SAC-Lagrangian takes them
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
     :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
         batch and the current policy (§3.6). ``False`` uses ``max_kl`` as is.
@@ -189,6 +200,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cvar_alpha: float = 0.125,
         cost_estimate: str = "window",
         surrogate: str = "importance",
+        cost_q_target: str = "retrace",
+        cost_q_gradient_steps: int | None = None,
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -264,6 +277,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cvar_alpha = cvar_alpha
         self.cost_estimate = cost_estimate
         self.surrogate = surrogate
+        self.cost_q_target = cost_q_target
+        self.cost_q_gradient_steps = cost_q_gradient_steps
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -332,6 +347,19 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.surrogate not in SURROGATES:
             choices = ", ".join(map(repr, SURROGATES))
             raise ValueError(f"OffTRC: surrogate must be one of {choices}, got {self.surrogate!r}")
+        # models saved before the option existed load with the default
+        self.cost_q_target = getattr(self, "cost_q_target", "retrace")
+        self.cost_q_gradient_steps = getattr(self, "cost_q_gradient_steps", None)
+        if self.cost_q_target not in COST_Q_TARGETS:
+            choices = ", ".join(map(repr, COST_Q_TARGETS))
+            raise ValueError(f"OffTRC: cost_q_target must be one of {choices}, got {self.cost_q_target!r}")
+        if self.cost_q_target != "retrace" and self.surrogate != "action_value":
+            raise ValueError(
+                f"OffTRC: cost_q_target={self.cost_q_target!r} fits the action-value cost critic, which only "
+                "surrogate='action_value' has: pass surrogate='action_value' as well, or leave cost_q_target out"
+            )
+        if self.cost_q_gradient_steps is not None:
+            self.cost_q_gradient_steps = check_int(owner, "cost_q_gradient_steps", self.cost_q_gradient_steps)
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -430,13 +458,19 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 **self.replay_buffer_kwargs,
             )
         policy_kwargs = dict(self.policy_kwargs)
-        if "action_value_critics" in policy_kwargs:
-            raise ValueError(
-                "OffTRC builds the action-value critics itself: pass surrogate='action_value' to OffTRC "
-                "instead of action_value_critics in policy_kwargs"
-            )
+        for key, instead in (
+            ("action_value_critics", "surrogate='action_value'"),
+            ("cost_q_target_network", "cost_q_target='td'"),
+        ):
+            if key in policy_kwargs:
+                raise ValueError(
+                    f"OffTRC builds the action-value critics itself: pass {instead} to OffTRC instead of {key} "
+                    "in policy_kwargs"
+                )
         if self.surrogate == "action_value":
             policy_kwargs["action_value_critics"] = True
+        if self.cost_q_target == "td":
+            policy_kwargs["cost_q_target_network"] = True
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **policy_kwargs
         )
@@ -693,6 +727,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
         self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=actions)
+        if self.cost_q_target == "td":
+            self._fit_cost_q_td(batch)
 
     def _log_critic_holdout(
         self,
@@ -1016,11 +1052,40 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 raise ValueError(
                     "OffTRC(surrogate='action_value') fits its action-value critics on the batch's actions"
                 )
-            q_jobs = [
-                ("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target),
-                ("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target),
-            ]
+            q_jobs = [("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target)]
+            if self.cost_q_target == "retrace":  # "td": fitted on its own targets by _fit_cost_q_td
+                q_jobs.append(("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target))
             self._fit_jobs(th.cat([features, actions], dim=-1), q_jobs)
+
+    #: Polyak rate of the ``cost_q_target="td"`` target network per Adam step (SAC's default)
+    cost_q_tau: ClassVar[float] = 0.005
+
+    def _fit_cost_q_td(self, batch: WindowBatch) -> None:
+        """Fit ``Q_C`` on one-step TD targets through its target network (``cost_q_target="td"``)."""
+        policy = self.policy
+        with th.no_grad():
+            features = policy.features(batch.observations)
+            next_features = policy.features(batch.next_observations)
+            next_mean, next_std = policy.distribution(batch.next_observations)  # the policy after the step
+        steps = self.cost_q_gradient_steps if self.cost_q_gradient_steps is not None else self.n_steps
+        loss = fit_td_action_value(
+            policy.cost_q_critic,
+            policy.cost_q_critic_target,
+            policy.cost_q_optimizer,
+            th.cat([features, batch.actions], dim=-1),
+            next_features,
+            next_mean,
+            next_std,
+            batch.costs,
+            batch.fails,
+            gamma=self._cost_discount,
+            n_steps=steps,
+            batch_size=self.critic_batch_size or 256,
+            tau=self.cost_q_tau,
+            max_grad_norm=self.max_grad_norm,
+        )
+        self.logger.record("train/cost_q_critic_loss", loss)
+        self._check_critic_parameters([("cost_q_critic_loss", policy.cost_q_critic, None, batch.costs)])
 
     def _fit_jobs(self, features: th.Tensor, jobs: Sequence[tuple[str, th.nn.Module, Any, th.Tensor]]) -> None:
         """Fit each critic of ``jobs`` to its target on the input rows ``features``."""
@@ -1165,6 +1230,56 @@ def objective_must_not_drop(case: StepCase, margin: float) -> bool:
     the CVaR, and a step that does so at some cost in reward is accepted.
     """
     return case != StepCase.RECOVERY and margin < 0.0
+
+
+def fit_td_action_value(
+    critic: th.nn.Module,
+    target_critic: th.nn.Module,
+    optimizer: th.optim.Optimizer,
+    inputs: th.Tensor,
+    next_features: th.Tensor,
+    next_mean: th.Tensor,
+    next_std: th.Tensor,
+    costs: th.Tensor,
+    fails: th.Tensor,
+    *,
+    gamma: float,
+    n_steps: int,
+    batch_size: int,
+    tau: float,
+    max_grad_norm: float,
+    generator: th.Generator | None = None,
+) -> float:
+    """Fit the action-value ``critic`` to one-step TD targets, as SAC fits its critics.
+
+    Each of ``n_steps`` Adam steps draws ``batch_size`` rows with replacement, draws the next action
+    ``a' = next_mean + next_std * eps`` per row and minimises half the mean squared error to
+    ``costs + gamma * (1 - fails) * target_critic(next_features, a')`` (no gradient through the
+    target), with the gradient norm clipped to ``max_grad_norm``; ``target_critic`` then moves a
+    share ``tau`` of the way to ``critic``. ``inputs`` are the rows' features and actions side by
+    side. Rows and noise come from ``generator`` (torch's global one if None, as in training).
+    Returns the mean loss of the last (up to) 100 steps.
+    """
+    n_rows = inputs.shape[0]
+    params: list[th.Tensor] = list(critic.parameters())
+    target_params: list[th.Tensor] = list(target_critic.parameters())
+    losses: deque[float] = deque(maxlen=100)
+    for _ in range(n_steps):
+        rows = th.randint(n_rows, (batch_size,), generator=generator, device=inputs.device)
+        with th.no_grad():
+            noise = th.randn(next_mean[rows].shape, generator=generator, device=inputs.device)
+            next_action = next_mean[rows] + next_std[rows] * noise
+            bootstrap = target_critic(th.cat([next_features[rows], next_action], dim=-1))
+            wanted = costs[rows] + gamma * (1.0 - fails[rows]) * bootstrap
+        optimizer.zero_grad()
+        loss = 0.5 * th.mean((critic(inputs[rows]) - wanted) ** 2)
+        loss.backward()
+        clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        with th.no_grad():
+            th._foreach_lerp_(target_params, params, tau)
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else math.nan
 
 
 def fit_minibatches(

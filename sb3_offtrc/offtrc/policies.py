@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -178,6 +179,8 @@ class OffTRCPolicy(BasePolicy):
         ``foreach`` given, ``fused=True`` is added (torch's single-kernel Adam step, same update)
     :param action_value_critics: Also build action-value critics ``Q_R(s, a)`` and ``Q_C(s, a)`` (MLPs
         on the features and the action), used by ``OffTRC(surrogate="action_value")``, which sets it
+    :param cost_q_target_network: Also keep a slowly following copy of ``Q_C`` (``cost_q_critic_target``),
+        the bootstrap of ``OffTRC(cost_q_target="td")``, which sets it
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class OffTRCPolicy(BasePolicy):
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
         action_value_critics: bool = False,
+        cost_q_target_network: bool = False,
     ) -> None:
         super().__init__(
             observation_space,
@@ -240,6 +244,11 @@ class OffTRCPolicy(BasePolicy):
             # Q(s, a): the same MLP on the features and the (unclipped, [-1, 1]-unit) action side by side
             self.reward_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
             self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+        self.cost_q_target_network = bool(cost_q_target_network)
+        if self.cost_q_target_network:
+            if not self.action_value_critics:
+                raise ValueError("cost_q_target_network=True needs action_value_critics=True (it follows Q_C)")
+            self.cost_q_critic_target = copy.deepcopy(self.cost_q_critic).requires_grad_(False)
 
         # One optimiser per critic over its own parameters (the authors' torch port gives the
         # std critic's optimiser the mean critic's parameters; ALGORITHM.md §3.9).
@@ -279,6 +288,7 @@ class OffTRCPolicy(BasePolicy):
             optimizer_kwargs=self.optimizer_kwargs,
             lr_schedule=self._dummy_schedule,
             action_value_critics=self.action_value_critics,
+            cost_q_target_network=self.cost_q_target_network,
         )
         return data
 
