@@ -525,13 +525,19 @@ LEARN6 = _study_round(
 
 #: Round 7: the action-value step held a one-episode J_hat near the limit in training (recovery in about
 #: half of the updates at 1M) while the mean episode cost stayed 1.2-1.7x the limit: a feasibility test
-#: on one episode's cost is a coin flip near the limit. J_hat from the last five windows; and the arm
-#: on the two other tasks of the main comparison before it can become the preset
+#: on one episode's cost is a coin flip near the limit. J_hat from the last five windows; the cost
+#: critic fitted as SAC-Lagrangian's; and the arm on the two other tasks of the main comparison
+#: before it can become the preset
 _ACTION_VALUE = {**get_preset("recommended"), "surrogate": "action_value"}
 LEARN7 = Preset(
     name="learn7",
     blocks=[
-        Block(algos=["rec_actionvalue_recent5k"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=1_000_000),
+        Block(
+            algos=["rec_actionvalue_recent5k", "rec_actionvalue_tdcost"],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
         Block(
             algos=["rec_actionvalue"],
             envs=["SafetyCarGoal1-v0", "OffTRC/HalfCheetahFlip-v4"],
@@ -542,8 +548,14 @@ LEARN7 = Preset(
     cost_limit=0.025,
     eval_freq=50_000,
     n_eval_episodes=10,
-    hyperparams={"rec_actionvalue_recent5k": {**_ACTION_VALUE, "n_recent": 5_000}, "rec_actionvalue": _ACTION_VALUE},
-    variants={"rec_actionvalue_recent5k": "offtrc", "rec_actionvalue": "offtrc"},
+    hyperparams={
+        "rec_actionvalue_recent5k": {**_ACTION_VALUE, "n_recent": 5_000},
+        # Q_C fitted as SAC-Lagrangian fits its cost critic (one-step targets, a target network): 500
+        # Adam steps of 500 rows per 1,000 env steps, as many rows as SAC's 1,000 steps of 256
+        "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 500},
+        "rec_actionvalue": _ACTION_VALUE,
+    },
+    variants={"rec_actionvalue_recent5k": "offtrc", "rec_actionvalue_tdcost": "offtrc", "rec_actionvalue": "offtrc"},
 )
 
 PRESETS = {
