@@ -99,6 +99,12 @@ class ShapeOnlyEnv(gym.Env):
 def measure(name: str, preset: dict[str, Any], repeats: int) -> dict[str, Any]:
     from sb3_offtrc import OffTRC
 
+    if preset.get("surrogate", "importance") != "importance":
+        # the separate side would time the action-value critics' fits as well, the stacked side not
+        raise ValueError(
+            f"critic_ensemble.py stacks the three state-value critics only; {name!r} has "
+            f"surrogate={preset['surrogate']!r}: measure a preset without it"
+        )
     model = OffTRC("MlpPolicy", ShapeOnlyEnv(), seed=0, device="cpu", **preset)
     model.set_logger(configure(None, []))  # _fit_critics records its losses
     policy = model.policy
@@ -132,7 +138,9 @@ def measure(name: str, preset: dict[str, Any], repeats: int) -> dict[str, Any]:
     ensemble_fit(check_ensemble, check_optimizer, obs, targets, orders, batch_size, model.max_grad_norm)
     check_policy = check_model.policy
     check_critics = [check_policy.reward_critic, check_policy.cost_critic, check_policy.cost_std_critic]
-    for critic, optimizer_k, target in zip(check_critics, check_policy.critic_optimizers, targets, strict=True):
+    # the three state-value critics' own optimisers (an action-value model has two more, not stacked here)
+    check_optimizers = [check_policy.reward_optimizer, check_policy.cost_optimizer, check_policy.cost_std_optimizer]
+    for critic, optimizer_k, target in zip(check_critics, check_optimizers, targets, strict=True):
         for order in orders:
             for start in range(0, n_rows, batch_size):
                 rows = order[start : start + batch_size]

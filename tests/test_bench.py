@@ -526,6 +526,8 @@ def test_stacked_critics_of_the_ensemble_benchmark_are_the_three_critics() -> No
     from sb3_offtrc.offtrc.policies import ValueCritic
 
     bench = _load("critic_ensemble")
+    with pytest.raises(ValueError, match="state-value critics only"):
+        bench.measure("av", {"surrogate": "action_value"}, 1)
     th.manual_seed(0)
     critics = [ValueCritic(7, [16, 8], th.nn.ReLU, positive=positive) for positive in (False, False, True)]
     stacked = bench.StackedCritics(critics)
