@@ -550,9 +550,10 @@ LEARN7 = Preset(
     n_eval_episodes=10,
     hyperparams={
         "rec_actionvalue_recent5k": {**_ACTION_VALUE, "n_recent": 5_000},
-        # Q_C fitted as SAC-Lagrangian fits its cost critic (one-step targets, a target network): 500
-        # Adam steps of 500 rows per 1,000 env steps, as many rows as SAC's 1,000 steps of 256
-        "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 500},
+        # Q_C fitted as SAC-Lagrangian fits its cost critic (one-step targets, a target network), with
+        # the retrace fit's budget: 100 Adam steps of 500 rows per update (500 steps ran at half the
+        # speed, too slow for 1M steps in a session; SAC-Lagrangian takes about 5x the rows)
+        "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 100},
         "rec_actionvalue": _ACTION_VALUE,
     },
     variants={"rec_actionvalue_recent5k": "offtrc", "rec_actionvalue_tdcost": "offtrc", "rec_actionvalue": "offtrc"},
