@@ -551,8 +551,9 @@ LEARN7 = Preset(
     hyperparams={
         "rec_actionvalue_recent5k": {**_ACTION_VALUE, "n_recent": 5_000},
         # Q_C fitted as SAC-Lagrangian fits its cost critic (one-step targets, a target network), with
-        # the retrace fit's budget: 100 Adam steps of 500 rows per update (500 steps ran at half the
-        # speed, too slow for 1M steps in a session; SAC-Lagrangian takes about 5x the rows)
+        # the retrace fit's budget: 100 Adam steps of 500 rows per update, so that the arm differs by
+        # its targets only (SAC-Lagrangian's budget, about 5x the rows, would add about a third to a
+        # 1M-step run's hour)
         "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 100},
         "rec_actionvalue": _ACTION_VALUE,
     },
