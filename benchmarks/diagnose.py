@@ -11,7 +11,10 @@ improve (docs/diagnosis.md explains each):
   the Monte-Carlo discounted cost return of the same windows;
 - the critics' explained variance on the newest windows before they are fitted (held-out);
 - the split-half cosines of the reward and CVaR gradients, ``cos2`` of the dual, the action std at
-  the start and at the end.
+  the start and at the end;
+- whether the steps' cost side does what it predicts (after the first fifth of the updates): the
+  mean ``J_hat`` of the next five windows after a recovery step minus that after a feasible step,
+  against the same difference of the CVaR changes the steps predicted (finding 21).
 
 Usage::
 
@@ -72,7 +75,32 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
     stds = updates["diag/std"].dropna() if "diag/std" in updates else pd.Series(dtype=float)
     row["std_first"] = float(stds.iloc[0]) if len(stds) else math.nan
     row["std_last"] = float(stds.iloc[-1]) if len(stds) else math.nan
+    if "diag/cvar_after" in updates:
+        settled = updates.iloc[len(updates) // 5 :]
+        row["dJ_after_recovery"], row["dJ_predicted"] = case_followup(settled)
     return row
+
+
+def case_followup(updates: pd.DataFrame, ahead: int = 5) -> tuple[float, float]:
+    """(realised, predicted): how much lower the cost is after a recovery step than after a feasible one.
+
+    Realised: the mean ``J_hat`` of the ``ahead`` windows after each recovery step minus the same
+    mean after each feasible step (steps whose next windows are all logged). Predicted: the mean
+    CVaR change the line search accepted (``diag/cvar_after - train/cvar``) on recovery steps minus
+    that on feasible steps. If each step changed the cost by what it predicts and the cases were
+    decided by noise, the two would agree; NaN where either case is missing.
+    """
+    cost = updates["train/cost_mean"].to_numpy(dtype=float)
+    case = updates["train/step_case"].to_numpy()
+    predicted = (updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float)
+    later = np.full(len(cost), np.nan)
+    for i in range(len(cost) - ahead):
+        later[i] = cost[i + 1 : i + 1 + ahead].mean()
+    recovery, feasible = (case == "recovery") & ~np.isnan(later), (case == "feasible") & ~np.isnan(later)
+    if not recovery.any() or not feasible.any():
+        return math.nan, math.nan
+    realised = float(later[recovery].mean() - later[feasible].mean())
+    return realised, float(predicted[recovery].mean() - predicted[feasible].mean())
 
 
 def summarise(results: Path, env: str | None) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -651,6 +652,24 @@ def test_diagnose_summarises_the_committed_learning_runs() -> None:
     fixed = table.loc[("SafetyPointGoal1-v0", "kl0.01_fixed")]
     assert fixed["radius/max_kl"] == pytest.approx(1.0)  # a fixed radius is max_kl itself
     assert "| kl_sum |" in diagnose.markdown(table)
+
+
+def test_case_followup_compares_the_cost_after_recovery_and_feasible_steps() -> None:
+    diagnose = _load("diagnose")
+    frame = pd.DataFrame(
+        {
+            "train/step_case": ["recovery", "feasible", "recovery", "constrained", "feasible", "recovery"],
+            "train/cost_mean": [9.0, 1.0, 8.0, 2.0, 4.0, 6.0],
+            "train/cvar": [9.0, 1.0, 8.0, 2.0, 4.0, 6.0],
+            "diag/cvar_after": [8.0, 1.5, 7.0, 2.0, 4.5, 5.0],
+        }
+    )
+    realised, predicted = diagnose.case_followup(frame, ahead=2)
+    # two windows ahead: recovery rows 0 and 2 -> (1+8)/2 and (2+4)/2; feasible row 1 -> (8+2)/2; rows 4
+    # and 5 have fewer than two windows ahead and are left out
+    assert realised == pytest.approx(((4.5 + 3.0) / 2) - 5.0)
+    assert predicted == pytest.approx(-1.0 - 0.5)  # recovery rows 0, 2 (and 5) predicted -1; feasible +0.5
+    assert all(math.isnan(v) for v in diagnose.case_followup(frame.iloc[:1], ahead=2))
 
 
 def test_cost_signal_returns_match_a_direct_sum() -> None:
