@@ -981,9 +981,9 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
     loaded.learn(100, reset_num_timesteps=False)
     # a model keeps its surrogate: loading it with another one is refused, either way round
     default.save(tmp_path / "plain.zip")
-    with pytest.raises(ValueError, match="keeps the surrogate it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
         OffTRC.load(tmp_path / "plain.zip", surrogate="action_value")
-    with pytest.raises(ValueError, match="keeps the surrogate it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
         OffTRC.load(tmp_path / "m.zip", surrogate="importance")
 
 
@@ -1078,6 +1078,8 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(t
     ):
         th.testing.assert_close(a, b)
     loaded.learn(100, reset_num_timesteps=False)
+    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+        OffTRC.load(tmp_path / "td.zip", cost_q_target="retrace")
 
 
 def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:

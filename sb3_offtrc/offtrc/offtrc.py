@@ -1185,13 +1185,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 **kwargs,
             )
         except RuntimeError as exc:
-            # the policy's state dict lacks (or has extra) action-value critics
-            if "q_critic" not in str(exc) or "surrogate" not in kwargs:
+            # the policy's state dict lacks (or has extra) action-value critics or their target network
+            given = [key for key in ("surrogate", "cost_q_target") if key in kwargs]
+            if "q_critic" not in str(exc) or not given:
                 raise
+            settings = ", ".join(f"{key}={kwargs[key]!r}" for key in given)
             raise ValueError(
-                f"{path} was saved with another surrogate than surrogate={kwargs['surrogate']!r}: a model keeps the "
-                "surrogate it was built with (its action-value critics are part of the policy). Load it without "
-                "surrogate=..., or train a new model with the surrogate you want."
+                f"{path} was saved with other settings than {settings}: a model keeps the surrogate and "
+                "cost_q_target it was built with (their critics are part of the policy). Load it without "
+                f"{', '.join(f'{key}=...' for key in given)}, or train a new model with the settings you want."
             ) from None
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
