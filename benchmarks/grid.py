@@ -533,7 +533,7 @@ LEARN7 = Preset(
     name="learn7",
     blocks=[
         Block(
-            algos=["rec_actionvalue_recent5k", "rec_actionvalue_tdcost"],
+            algos=["rec_actionvalue_recent5k", "rec_actionvalue_tdcost", "rec_actionvalue_smooth_limit2x"],
             envs=["SafetyPointGoal1-v0"],
             seeds=[0, 1, 2],
             budget=1_000_000,
@@ -555,9 +555,21 @@ LEARN7 = Preset(
         # its targets only (SAC-Lagrangian's budget, about 5x the rows, would add about a third to a
         # 1M-step run's hour)
         "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 100},
+        # the paper's smooth hazard-distance training cost (limit 50: finding 15's smooth-to-native ratio
+        # is 2-4): a cost that changes with every action, so that Q_C can have a slope in the action
+        "rec_actionvalue_smooth_limit2x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
         "rec_actionvalue": _ACTION_VALUE,
     },
-    variants={"rec_actionvalue_recent5k": "offtrc", "rec_actionvalue_tdcost": "offtrc", "rec_actionvalue": "offtrc"},
+    cost_limits={"rec_actionvalue_smooth_limit2x": 0.05},
+    variants={
+        arm: "offtrc"
+        for arm in (
+            "rec_actionvalue_recent5k",
+            "rec_actionvalue_tdcost",
+            "rec_actionvalue_smooth_limit2x",
+            "rec_actionvalue",
+        )
+    },
 )
 
 PRESETS = {
