@@ -85,18 +85,25 @@ def case_followup(updates: pd.DataFrame, ahead: int = 5) -> tuple[float, float]:
     """(realised, predicted): how much lower the cost is after a recovery step than after a feasible one.
 
     Realised: the mean ``J_hat`` of the ``ahead`` windows after each recovery step minus the same
-    mean after each feasible step (steps whose next windows are all logged). Predicted: the mean
-    CVaR change the line search accepted (``diag/cvar_after - train/cvar``) on recovery steps minus
-    that on feasible steps. If each step changed the cost by what it predicts and the cases were
-    decided by noise, the two would agree; NaN where either case is missing.
+    mean after each feasible step. Predicted: the mean CVaR change the line search accepted
+    (``diag/cvar_after - train/cvar``) on those recovery steps minus that on those feasible steps.
+    If each step changed the cost by what it predicts and the cases were decided by noise, the two
+    would agree; NaN where either case is missing. A step counts only where the next ``ahead``
+    logged rows are the next ``ahead`` updates (``train/n_updates``; the logger writes at episode
+    ends, so with several env copies rows can skip updates) and its predicted change is logged.
     """
     cost = updates["train/cost_mean"].to_numpy(dtype=float)
     case = updates["train/step_case"].to_numpy()
     predicted = (updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float)
+    number = updates["train/n_updates"].to_numpy(dtype=float) if "train/n_updates" in updates else None
     later = np.full(len(cost), np.nan)
+    steps = np.arange(1, ahead + 1)
     for i in range(len(cost) - ahead):
+        if number is not None and not np.array_equal(number[i + 1 : i + 1 + ahead] - number[i], steps):
+            continue
         later[i] = cost[i + 1 : i + 1 + ahead].mean()
-    recovery, feasible = (case == "recovery") & ~np.isnan(later), (case == "feasible") & ~np.isnan(later)
+    usable = ~np.isnan(later) & ~np.isnan(predicted)
+    recovery, feasible = (case == "recovery") & usable, (case == "feasible") & usable
     if not recovery.any() or not feasible.any():
         return math.nan, math.nan
     realised = float(later[recovery].mean() - later[feasible].mean())

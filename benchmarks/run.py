@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument(
         "--learn7",
         action="store_true",
-        help="the learning study's seventh round: action-value step, J_hat from 5 windows; all three tasks",
+        help="the learning study's seventh round: the action-value step's cost side (J_hat, Q_C's fit, the smooth "
+        "cost) on PointGoal1, and the step on CarGoal1 and HalfCheetahFlip",
     )
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"

@@ -251,16 +251,25 @@ def _env_kwargs(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, A
 
 
 def _with_observation(env_kwargs: dict[str, Any], observation: str, env_id: str) -> dict[str, Any]:
-    """``--observation`` as the env keyword it stands for (saved in config.json with the others)."""
+    """``--observation`` as the env keyword it stands for (saved in config.json with the others).
+
+    ``native`` is every env's own observation: it adds nothing (other envs take no such keyword).
+    """
     given = env_kwargs.get("observation", observation)
     if given != observation:
         raise CliError(
             f"--observation {observation} and --env-kwargs observation={given} disagree: give the observation once"
         )
-    if observation != "native" and "Safety" not in env_id:
+    if observation == "native":
+        return env_kwargs
+    if "Safety" not in env_id:
         raise CliError(
-            f"--observation {observation} is defined for the Safety-Gymnasium tasks only, not {env_id}; "
-            "leave it out (or --observation native)"
+            f"--observation {observation} is defined for the Safety-Gymnasium tasks only, not {env_id}; leave it out"
+        )
+    if observation == "paper" and "Goal" not in env_id:
+        raise CliError(
+            f"--observation paper is the authors' layout of the Goal tasks, not of {env_id}; "
+            "use --observation lidar_max or leave it out"
         )
     return {**env_kwargs, "observation": observation}
 
@@ -894,7 +903,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         choices=OBSERVATION_CHOICES,
         default=None,
         help="observation of a Safety-Gymnasium task: native (its own), paper (the authors' scaled 24-dim Goal "
-        "observation) or lidar_max (native plus each lidar's largest bin); evaluate and record reuse it",
+        "observation) or lidar_max (native plus each lidar's largest bin); saved in config.json, which eval "
+        "and record reuse unless given --env-kwargs of their own",
     )
     train.add_argument(
         "--preset",

@@ -661,15 +661,20 @@ def test_case_followup_compares_the_cost_after_recovery_and_feasible_steps() -> 
             "train/step_case": ["recovery", "feasible", "recovery", "constrained", "feasible", "recovery"],
             "train/cost_mean": [9.0, 1.0, 8.0, 2.0, 4.0, 6.0],
             "train/cvar": [9.0, 1.0, 8.0, 2.0, 4.0, 6.0],
-            "diag/cvar_after": [8.0, 1.5, 7.0, 2.0, 4.5, 5.0],
+            "diag/cvar_after": [8.0, 1.5, 7.0, 2.0, 7.0, 2.0],
+            "train/n_updates": [1, 2, 3, 4, 5, 6],
         }
     )
     realised, predicted = diagnose.case_followup(frame, ahead=2)
     # two windows ahead: recovery rows 0 and 2 -> (1+8)/2 and (2+4)/2; feasible row 1 -> (8+2)/2; rows 4
-    # and 5 have fewer than two windows ahead and are left out
+    # and 5 have fewer than two windows ahead and are left out, their predicted changes (+3, -4) too
     assert realised == pytest.approx(((4.5 + 3.0) / 2) - 5.0)
-    assert predicted == pytest.approx(-1.0 - 0.5)  # recovery rows 0, 2 (and 5) predicted -1; feasible +0.5
+    assert predicted == pytest.approx(-1.0 - 0.5)  # recovery rows 0 and 2 predicted -1, feasible row 1 +0.5
     assert all(math.isnan(v) for v in diagnose.case_followup(frame.iloc[:1], ahead=2))
+    # a logged row that skips an update (several env copies) does not count as the next window
+    gappy = frame.assign(**{"train/n_updates": [1, 2, 3, 4, 6, 7]})
+    realised, _ = diagnose.case_followup(gappy, ahead=2)
+    assert realised == pytest.approx(4.5 - 5.0)  # row 2's next rows are updates 4 and 6: row 2 is left out
 
 
 def test_cost_signal_returns_match_a_direct_sum() -> None:

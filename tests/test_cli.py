@@ -199,7 +199,22 @@ def test_observation_flag_names_the_fix_for_bad_input(tmp_path, capsys) -> None:
     # HazardPoint has one observation: another is a usage error naming the fix, before anything is built
     assert main(["train", "--env", "HazardPoint-v0", "--observation", "paper", "--out", out]) == 2
     err = capsys.readouterr().err
-    assert "Safety-Gymnasium tasks only" in err and "--observation native" in err and "Traceback" not in err
+    assert "Safety-Gymnasium tasks only" in err and "leave it out" in err and "Traceback" not in err
+    assert not os.path.exists(out)  # refused before the run directory is made
+    # the paper's layout exists for the Goal tasks only
+    assert main(["train", "--env", "SafetyPointButton1-v0", "--observation", "paper", "--out", out]) == 2
+    assert "Goal tasks" in capsys.readouterr().err
+    # native is every env's own observation: nothing is added, and HazardPoint (no such keyword) trains
+    native = str(tmp_path / "native")
+    argv = ["train", "--algo", "sac", "--env", "HazardPoint-v0", "--observation", "native", "--timesteps", "100",
+            "--out", native, "--hyperparams", *SMALL_SAC]  # fmt: skip
+    assert main(argv) == 0
+    with open(os.path.join(native, "config.json")) as handle:
+        assert json.load(handle)["env_kwargs"] == {}
+    from sb3_offtrc.cli import OBSERVATION_CHOICES
+    from sb3_offtrc.envs.safety import OBSERVATION_CHOICES as ENV_CHOICES
+
+    assert OBSERVATION_CHOICES == ENV_CHOICES  # the CLI spells them out so that --help needs no import
     argv = ["train", "--env", "SafetyPointGoal1-v0", "--observation", "paper", "--env-kwargs", "observation=lidar_max",
             "--out", out]  # fmt: skip
     assert main(argv) == 2

@@ -1031,7 +1031,49 @@ def test_td_action_value_fit_reaches_the_bellman_fixed_point() -> None:
         th.testing.assert_close(critic(probe), th.tensor([1.0, 1.0, 0.0, 0.0]), atol=0.03, rtol=0.0)
 
 
-def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(tmp_path: Any) -> None:
+def test_td_action_value_fit_bootstraps_with_the_next_policys_noisy_action() -> None:
+    """The cost ``1[s0] + a^2`` depends on the action, and the next action is drawn from N(m, sd^2):
+    ``V(s) = E[Q(s, a')]`` gets ``E[a'^2] = m^2 + sd^2``, which a bootstrap with the replayed action,
+    or with the mean ``m`` alone, would miss. Closed form on the two-state cycle of the test above."""
+    from sb3_offtrc.offtrc.offtrc import fit_td_action_value
+    from sb3_offtrc.offtrc.policies import ValueCritic
+
+    th.manual_seed(0)
+    # E[a'^2] = 0.5; a bootstrap with the mean alone sees 0.25, with the replayed actions (uniform on
+    # [-2, 2], so that the critic has seen every a' it is asked about) 4/3: off by 0.25 and 0.83 in Q,
+    # where the tolerance is 0.1
+    gamma, n, m, sd = 0.5, 400, 0.5, 0.5
+    state = th.arange(n) % 2
+    actions = th.rand(n, 1) * 4 - 2
+    features = th.nn.functional.one_hot(state, 2).float()
+    costs = (state == 0).float() + actions[:, 0] ** 2
+    critic = ValueCritic(3, [64, 64], th.nn.ReLU, positive=False)
+    target = ValueCritic(3, [64, 64], th.nn.ReLU, positive=False)
+    target.load_state_dict(critic.state_dict())
+    fit_td_action_value(
+        critic, target, th.optim.Adam(critic.parameters(), lr=1e-3), th.cat([features, actions], dim=-1),
+        th.nn.functional.one_hot(1 - state, 2).float(), th.full((n, 1), m), th.full((n, 1), sd), costs,
+        th.zeros(n), gamma=gamma, n_steps=3000, batch_size=128, tau=0.05, max_grad_norm=10.0,
+        generator=th.Generator().manual_seed(1),
+    )  # fmt: skip
+    mean_square = m**2 + sd**2
+    v0 = (1.0 + mean_square + gamma * mean_square) / (1.0 - gamma**2)  # V0 = c0 + g V1, V1 = c1 + g V0
+    v1 = mean_square + gamma * v0
+    probe_actions = [-1.0, 0.0, 1.0]
+    probe = th.tensor([[1.0, 0.0, a] for a in probe_actions] + [[0.0, 1.0, a] for a in probe_actions])
+    wanted = th.tensor([1.0 + a * a + gamma * v1 for a in probe_actions] + [a * a + gamma * v0 for a in probe_actions])
+    with th.no_grad():
+        th.testing.assert_close(critic(probe), wanted, atol=0.1, rtol=0.0)
+
+
+def _adam_steps(optimizer: th.optim.Optimizer) -> int:
+    state = optimizer.state_dict()["state"]
+    return int(next(iter(state.values()))["step"]) if state else 0
+
+
+def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``cost_q_target="td"``: Q_C is fitted on its own one-step targets through a target network that
     the policy keeps (and save/load restores); Q_R stays on the off-policy targets; bad input is refused."""
     with pytest.raises(ValueError, match="pass surrogate='action_value' as well"):
@@ -1040,6 +1082,8 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(t
         _model(surrogate="action_value", cost_q_target="sarsa")
     with pytest.raises(ValueError, match="cost_q_gradient_steps"):
         _model(surrogate="action_value", cost_q_target="td", cost_q_gradient_steps=0)
+    with pytest.raises(ValueError, match="it would do nothing: pass cost_q_target='td'"):
+        _model(surrogate="action_value", cost_q_gradient_steps=10)
     with pytest.raises(ValueError, match="pass cost_q_target='td' to OffTRC"):
         _model(surrogate="action_value", policy_kwargs=dict(net_arch=[16, 16], cost_q_target_network=True))
     assert not hasattr(_model(surrogate="action_value").policy, "cost_q_critic_target")  # retrace: none
@@ -1057,8 +1101,23 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(t
         real_fit_jobs(features, jobs)
 
     model._fit_jobs = spy  # type: ignore[method-assign]
+    fitted: list[dict[str, Any]] = []
+    real_td = offtrc_module.fit_td_action_value
+
+    def td_spy(*args: Any, **kwargs: Any) -> float:
+        fitted.append({"fails": args[8].clone(), "steps": kwargs["n_steps"], "gamma": kwargs["gamma"]})
+        return real_td(*args, **kwargs)
+
+    monkeypatch.setattr(offtrc_module, "fit_td_action_value", td_spy)
+    adam_steps_before = _adam_steps(policy.cost_q_optimizer)
     model.learn(300)
+    monkeypatch.undo()
     assert calls  # the value critics and Q_R were fitted as before
+    # one TD fit per update, cost_q_gradient_steps Adam steps each, on the terminal flags (not the window
+    # cuts: CostPendulum never terminates, while every window ends in a cut)
+    assert len(fitted) == model._n_updates and all(f["steps"] == 50 for f in fitted)
+    assert _adam_steps(policy.cost_q_optimizer) - adam_steps_before == 50 * model._n_updates
+    assert all(float(f["fails"].sum()) == 0.0 and f["gamma"] == model.gamma for f in fitted)
     values = model.logger.name_to_value
     assert math.isfinite(values["train/cost_q_critic_loss"]) and math.isfinite(values["train/reward_q_critic_loss"])
     moved = [
@@ -1069,7 +1128,7 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(t
         float((a.detach() - b).abs().max())
         for a, b in zip(policy.cost_q_critic.parameters(), policy.cost_q_critic_target.parameters(), strict=True)
     ]
-    assert max(gaps) > 0.0  # ... slowly: it is not Q_C itself
+    assert max(gaps) > 0.0  # ... slowly: it is not Q_C itself (tau < 1)
     model.save(tmp_path / "td.zip")
     loaded = OffTRC.load(tmp_path / "td.zip", env=CostPendulum())
     assert loaded.cost_q_target == "td" and loaded.cost_q_gradient_steps == 50
@@ -1080,6 +1139,8 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(t
     loaded.learn(100, reset_num_timesteps=False)
     with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
         OffTRC.load(tmp_path / "td.zip", cost_q_target="retrace")
+    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+        OffTRC.load(tmp_path / "td.zip", surrogate="importance")
 
 
 def test_split_half_gradients_run_every_tenth_update_unless_shrinkage_needs_them() -> None:

@@ -24,6 +24,7 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
+from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
@@ -114,7 +115,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         ``"retrace"`` (default) on the off-policy cost targets the other critics get; ``"td"`` as
         SAC-Lagrangian fits its cost critic, on one-step targets ``c_t + cost_gamma (1 - fail_t)
         Q_C'(s_{t+1}, a')`` with ``a'`` drawn from the policy after the step and ``Q_C'`` a copy of
-        ``Q_C`` that follows it by Polyak averaging (``cost_q_tau`` per Adam step), in
+        ``Q_C`` that follows it by Polyak averaging (by 0.005 per Adam step, SAC's rate; the class
+        attribute ``OffTRC.cost_q_tau``), in
         ``cost_q_gradient_steps`` minibatch steps per update drawn at random from the batch (a
         deviation from the paper; docs/diagnosis.md).
     :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
@@ -353,12 +355,27 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.cost_q_target not in COST_Q_TARGETS:
             choices = ", ".join(map(repr, COST_Q_TARGETS))
             raise ValueError(f"OffTRC: cost_q_target must be one of {choices}, got {self.cost_q_target!r}")
+        mismatched = (self.cost_q_target != "retrace" and self.surrogate != "action_value") or (
+            self.cost_q_gradient_steps is not None and self.cost_q_target != "td"
+        )
+        if after_load and mismatched:
+            raise ValueError(
+                f"OffTRC.load: surrogate={self.surrogate!r} with cost_q_target={self.cost_q_target!r} (and "
+                f"cost_q_gradient_steps={self.cost_q_gradient_steps!r}) do not go together: a model keeps the "
+                "surrogate and cost_q_target it was built with (their critics are part of the policy). Load it without "
+                "surrogate=... or cost_q_target=..., or train a new model with the settings you want."
+            )
         if self.cost_q_target != "retrace" and self.surrogate != "action_value":
             raise ValueError(
                 f"OffTRC: cost_q_target={self.cost_q_target!r} fits the action-value cost critic, which only "
                 "surrogate='action_value' has: pass surrogate='action_value' as well, or leave cost_q_target out"
             )
         if self.cost_q_gradient_steps is not None:
+            if self.cost_q_target != "td":
+                raise ValueError(
+                    "OffTRC: cost_q_gradient_steps sets the Adam steps of cost_q_target='td'; with "
+                    f"cost_q_target={self.cost_q_target!r} it would do nothing: pass cost_q_target='td' or leave it out"
+                )
             self.cost_q_gradient_steps = check_int(owner, "cost_q_gradient_steps", self.cost_q_gradient_steps)
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
@@ -1085,7 +1102,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             max_grad_norm=self.max_grad_norm,
         )
         self.logger.record("train/cost_q_critic_loss", loss)
-        self._check_critic_parameters([("cost_q_critic_loss", policy.cost_q_critic, None, batch.costs)])
+        # the TD targets are discounted cost returns: the largest step cost / (1 - cost_gamma) bounds them
+        scale = batch.costs / (1.0 - self._cost_discount)
+        self._check_critic_parameters([("cost_q_critic_loss", policy.cost_q_critic, None, scale)])
 
     def _fit_jobs(self, features: th.Tensor, jobs: Sequence[tuple[str, th.nn.Module, Any, th.Tensor]]) -> None:
         """Fit each critic of ``jobs`` to its target on the input rows ``features``."""
@@ -1265,7 +1284,7 @@ def fit_td_action_value(
     n_rows = inputs.shape[0]
     params: list[th.Tensor] = list(critic.parameters())
     target_params: list[th.Tensor] = list(target_critic.parameters())
-    losses: deque[float] = deque(maxlen=100)
+    losses: deque[th.Tensor] = deque(maxlen=100)
     for _ in range(n_steps):
         rows = th.randint(n_rows, (batch_size,), generator=generator, device=inputs.device)
         with th.no_grad():
@@ -1278,10 +1297,9 @@ def fit_td_action_value(
         loss.backward()
         clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-        with th.no_grad():
-            th._foreach_lerp_(target_params, params, tau)
-        losses.append(float(loss.detach()))
-    return float(np.mean(losses)) if losses else math.nan
+        polyak_update(params, target_params, tau)
+        losses.append(loss.detach())  # kept on the device: no sync per step
+    return float(th.stack(list(losses)).mean()) if losses else math.nan
 
 
 def fit_minibatches(
