@@ -407,8 +407,12 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
         "rec_cost_gamma0.9": 0.025,
     }
     assert all(spec.hyperparams["env"] == {"cost": "smooth"} for algo, spec in specs.items() if "smooth" in algo)
+    learn7 = {(s.algo, s.env_id): s for s in run.expand(run.PRESETS["learn7"], BENCH, None, None, [0], None)}
+    assert learn7[("rec_actionvalue_smooth_limit2x", "SafetyPointGoal1-v0")].cost_limit == 0.05
+    assert learn7[("rec_actionvalue_smooth_limit2x", "SafetyPointGoal1-v0")].hyperparams["env"] == {"cost": "smooth"}
+    assert {s.cost_limit for (algo, _), s in learn7.items() if algo != "rec_actionvalue_smooth_limit2x"} == {0.025}
     for preset in run.PRESETS.values():
-        if preset.name != "learn4":
+        if preset.name not in ("learn4", "learn7"):
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}
             assert limits == {preset.cost_limit}, preset.name
 
