@@ -14,7 +14,9 @@ improve (docs/diagnosis.md explains each):
   the start and at the end;
 - whether the steps' cost side does what it predicts (after the first fifth of the updates): the
   mean ``J_hat`` of the next five windows after a recovery step minus that after a feasible step,
-  against the same difference of the CVaR changes the steps predicted (finding 21).
+  against the same difference of the CVaR changes the steps predicted (finding 21);
+- the same over the whole run (after the first fifth): how far the CVaR estimate moved against the
+  sum of the changes the accepted steps predicted, and their ratio (finding 25).
 
 Usage::
 
@@ -78,7 +80,32 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
     if "diag/cvar_after" in updates:
         settled = updates.iloc[len(updates) // 5 :]
         row["dJ_after_recovery"], row["dJ_predicted"] = case_followup(settled)
+        row["dCVaR_run"], row["dCVaR_run_predicted"] = run_calibration(settled)
+        predicted = row["dCVaR_run_predicted"]
+        row["cost_calibration"] = row["dCVaR_run"] / predicted if predicted != 0 else math.nan
     return row
+
+
+def run_calibration(updates: pd.DataFrame, edge: int = 50) -> tuple[float, float]:
+    """(realised, predicted): how far the CVaR estimate moved over the logged updates, against the steps' predictions.
+
+    Realised: the mean ``train/cvar`` of the last ``edge`` updates minus that of the first ``edge``.
+    Predicted: the same difference of the cumulative predicted changes, where the ``k``-th update's
+    cumulative change is the sum of ``diag/cvar_after - train/cvar`` over the updates before it (the
+    ``k``-th window is collected by the policy those steps made). If every step changed the cost by
+    what it predicted, the two would be equal; their ratio says what share of the predicted changes
+    happened. NaN where the rows skip updates (several env copies: not every update is logged) or
+    there are fewer than ``2 * edge`` of them.
+    """
+    if len(updates) < 2 * edge:
+        return math.nan, math.nan
+    if "train/n_updates" in updates and not np.all(np.diff(updates["train/n_updates"].to_numpy(dtype=float)) == 1):
+        return math.nan, math.nan
+    cvar = updates["train/cvar"].to_numpy(dtype=float)
+    step = np.nan_to_num((updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float))
+    before = np.concatenate([[0.0], np.cumsum(step)[:-1]])  # predicted change before each update
+    realised = float(cvar[-edge:].mean() - cvar[:edge].mean())
+    return realised, float(before[-edge:].mean() - before[:edge].mean())
 
 
 def case_followup(updates: pd.DataFrame, ahead: int = 5) -> tuple[float, float]:

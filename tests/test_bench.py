@@ -681,6 +681,30 @@ def test_case_followup_compares_the_cost_after_recovery_and_feasible_steps() -> 
     assert realised == pytest.approx(4.5 - 5.0)  # row 2's next rows are updates 4 and 6: row 2 is left out
 
 
+def test_run_calibration_compares_the_cost_moved_with_the_steps_predictions() -> None:
+    diagnose = _load("diagnose")
+    rng = np.random.default_rng(0)
+    steps = rng.normal(-0.1, 0.5, size=300)  # each update's predicted change of the CVaR
+    exact = 10.0 + np.concatenate([[0.0], np.cumsum(steps)[:-1]])  # each step did what it predicted
+    frame = pd.DataFrame({"train/cvar": exact, "diag/cvar_after": exact + steps, "train/n_updates": np.arange(1, 301)})
+    realised, predicted = diagnose.run_calibration(frame, edge=20)
+    assert realised == pytest.approx(predicted)
+    assert predicted == pytest.approx(exact[-20:].mean() - exact[:20].mean())
+    # the same predictions on a cost that did not move: nothing of them happened
+    flat = frame.assign(**{"train/cvar": 10.0, "diag/cvar_after": 10.0 + steps})
+    realised, predicted_flat = diagnose.run_calibration(flat, edge=20)
+    assert realised == pytest.approx(0.0) and predicted_flat == pytest.approx(predicted)
+    # a tenth of each predicted change happened
+    tenth = 10.0 + 0.1 * np.concatenate([[0.0], np.cumsum(steps)[:-1]])
+    realised, _ = diagnose.run_calibration(
+        frame.assign(**{"train/cvar": tenth, "diag/cvar_after": tenth + steps}), edge=20
+    )
+    assert realised / predicted == pytest.approx(0.1)
+    # rows that skip updates, or too few rows: not measured
+    assert all(math.isnan(v) for v in diagnose.run_calibration(frame.iloc[::2], edge=20))
+    assert all(math.isnan(v) for v in diagnose.run_calibration(frame.iloc[:39], edge=20))
+
+
 def test_cost_signal_returns_match_a_direct_sum() -> None:
     bench = _load("cost_signal")
     rng = np.random.default_rng(0)
