@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         "cost) on PointGoal1, and the step on CarGoal1 and HalfCheetahFlip",
     )
     group.add_argument(
+        "--learn8",
+        action="store_true",
+        help="the learning study's eighth round: a cost whose next steps depend on the action (the smooth "
+        "hazard-distance cost, discounted by 0.9), 300k steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(

@@ -411,8 +411,11 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     assert learn7[("rec_actionvalue_smooth_limit2x", "SafetyPointGoal1-v0")].cost_limit == 0.05
     assert learn7[("rec_actionvalue_smooth_limit2x", "SafetyPointGoal1-v0")].hyperparams["env"] == {"cost": "smooth"}
     assert {s.cost_limit for (algo, _), s in learn7.items() if algo != "rec_actionvalue_smooth_limit2x"} == {0.025}
+    learn8 = {s.algo: s for s in run.expand(run.PRESETS["learn8"], BENCH, None, None, [0], None)}
+    assert learn8["rec_actionvalue_smooth_limit2x_cg0.9"].cost_limit == 0.05
+    assert learn8["rec_actionvalue_smooth_limit2x_cg0.9"].hyperparams["cost_gamma"] == 0.9
     for preset in run.PRESETS.values():
-        if preset.name not in ("learn4", "learn7"):
+        if preset.name not in ("learn4", "learn7", "learn8"):
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}
             assert limits == {preset.cost_limit}, preset.name
 
