@@ -16,7 +16,8 @@ improve (docs/diagnosis.md explains each):
   mean ``J_hat`` of the next five windows after a recovery step minus that after a feasible step,
   against the same difference of the CVaR changes the steps predicted (finding 21);
 - the same over the whole run (after the first fifth): how far the CVaR estimate moved against the
-  sum of the changes the accepted steps predicted, and their ratio (finding 25).
+  sum of the changes the accepted steps predicted, and their ratio; likewise the recent windows'
+  reward return against the steps' predicted reward changes, where logged (finding 25).
 
 Usage::
 
@@ -80,31 +81,44 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
     if "diag/cvar_after" in updates:
         settled = updates.iloc[len(updates) // 5 :]
         row["dJ_after_recovery"], row["dJ_predicted"] = case_followup(settled)
-        row["dCVaR_run"], row["dCVaR_run_predicted"] = run_calibration(settled)
-        predicted = row["dCVaR_run_predicted"]
-        row["cost_calibration"] = row["dCVaR_run"] / predicted if predicted != 0 else math.nan
+        for side, name in (("cost", "dCVaR_run"), ("reward", "dJR_run")):
+            realised, predicted = run_calibration(settled, side=side)
+            row[name], row[f"{name}_predicted"] = realised, predicted
+            row[f"{side}_calibration"] = realised / predicted if predicted != 0 else math.nan
     return row
 
 
-def run_calibration(updates: pd.DataFrame, edge: int = 50) -> tuple[float, float]:
-    """(realised, predicted): how far the CVaR estimate moved over the logged updates, against the steps' predictions.
+def run_calibration(updates: pd.DataFrame, edge: int = 50, side: str = "cost") -> tuple[float, float]:
+    """(realised, predicted): how far an estimate moved over the logged updates, against the steps' predictions.
 
-    Realised: the mean ``train/cvar`` of the last ``edge`` updates minus that of the first ``edge``.
-    Predicted: the same difference of the cumulative predicted changes, where the ``k``-th update's
-    cumulative change is the sum of ``diag/cvar_after - train/cvar`` over the updates before it (the
-    ``k``-th window is collected by the policy those steps made). If every step changed the cost by
-    what it predicted, the two would be equal; their ratio says what share of the predicted changes
-    happened. NaN where the rows skip updates (several env copies: not every update is logged) or
-    there are fewer than ``2 * edge`` of them.
+    ``side="cost"``: the CVaR estimate ``train/cvar`` and the accepted steps' predicted changes
+    ``diag/cvar_after - train/cvar``; ``side="reward"``: the recent windows' reward return
+    ``diag/reward_mean_window`` and the predicted changes ``diag/reward_gain_return`` (logged since
+    round 8). Realised: the mean estimate of the last ``edge`` updates minus that of the first
+    ``edge``. Predicted: the same difference of the cumulative predicted changes, where the ``k``-th
+    update's is the sum over the updates before it (the ``k``-th window is collected by the policy
+    those steps made). If every step changed the return by what it predicted, the two would be equal;
+    their ratio says what share of the predicted changes happened. NaN where the columns are missing,
+    the rows skip updates (several env copies: not every update is logged) or there are fewer than
+    ``2 * edge`` of them.
     """
-    if len(updates) < 2 * edge:
+    if side == "cost":
+        needed = ("train/cvar", "diag/cvar_after")
+    elif side == "reward":
+        needed = ("diag/reward_mean_window", "diag/reward_gain_return")
+    else:
+        raise ValueError(f"side must be 'cost' or 'reward', got {side!r}")
+    if len(updates) < 2 * edge or any(column not in updates for column in needed):
         return math.nan, math.nan
     if "train/n_updates" in updates and not np.all(np.diff(updates["train/n_updates"].to_numpy(dtype=float)) == 1):
         return math.nan, math.nan
-    cvar = updates["train/cvar"].to_numpy(dtype=float)
-    step = np.nan_to_num((updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float))
-    before = np.concatenate([[0.0], np.cumsum(step)[:-1]])  # predicted change before each update
-    realised = float(cvar[-edge:].mean() - cvar[:edge].mean())
+    value = updates[needed[0]].to_numpy(dtype=float)
+    if side == "cost":
+        change = (updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float)
+    else:
+        change = updates["diag/reward_gain_return"].to_numpy(dtype=float)
+    before = np.concatenate([[0.0], np.cumsum(np.nan_to_num(change))[:-1]])  # predicted change before each update
+    realised = float(value[-edge:].mean() - value[:edge].mean())
     return realised, float(before[-edge:].mean() - before[:edge].mean())
 
 

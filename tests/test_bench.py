@@ -706,6 +706,14 @@ def test_run_calibration_compares_the_cost_moved_with_the_steps_predictions() ->
     # rows that skip updates, or too few rows: not measured
     assert all(math.isnan(v) for v in diagnose.run_calibration(frame.iloc[::2], edge=20))
     assert all(math.isnan(v) for v in diagnose.run_calibration(frame.iloc[:39], edge=20))
+    # the reward side reads its own columns, and is not measured where they were not logged
+    assert all(math.isnan(v) for v in diagnose.run_calibration(frame, edge=20, side="reward"))
+    reward = pd.DataFrame(
+        {"diag/reward_mean_window": 2.0 + 0.5 * (exact - 10.0), "diag/reward_gain_return": steps,
+         "train/n_updates": np.arange(1, 301)}
+    )  # fmt: skip
+    realised, predicted_reward = diagnose.run_calibration(reward, edge=20, side="reward")
+    assert realised / predicted_reward == pytest.approx(0.5)
 
 
 def test_cost_signal_returns_match_a_direct_sum() -> None:

@@ -821,6 +821,38 @@ def test_updates_log_the_diagnostics() -> None:
     assert values["diag/reward_critic_holdout_ev"] <= 1.0
 
 
+@pytest.mark.parametrize("weighted_baseline", [False, True])
+def test_reward_gain_is_logged_in_return_units(weighted_baseline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``diag/reward_gain_return``: the accepted step's reward surrogate without its 1 / sd scale, over
+    1 - gamma (the performance-difference lemma's units, those of J_hat); ``diag/reward_mean_window``:
+    the newest window's mean reward over 1 - gamma."""
+    model = _model(weighted_baseline=weighted_baseline)
+    model.learn(400)
+    calls: list[tuple[th.Tensor, ...]] = []
+    real = offtrc_module.reward_surrogate
+
+    def spy(ratio: th.Tensor, advantages: th.Tensor, weights: th.Tensor, wb: bool = False) -> th.Tensor:
+        calls.append((ratio.detach().clone(), advantages.clone(), weights.clone()))
+        return real(ratio, advantages, weights, wb)
+
+    monkeypatch.setattr(offtrc_module, "reward_surrogate", spy)
+    buffer = model.replay_buffer
+    rows = (np.arange(model.n_recent) + buffer.pos - model.n_recent) % buffer.buffer_size
+    window = float(buffer.rewards[rows, 0].astype(np.float64).mean()) / (1.0 - model.gamma)
+    model.train(gradient_steps=1)
+    values = model.logger.name_to_value
+    assert values["diag/reward_mean_window"] == pytest.approx(window, rel=1e-5)
+    assert values["train/line_search_failed"] == 0 and values["train/line_search_steps"] >= 1
+    ratio, adv, w = calls[-1]  # the line search's last evaluation: the accepted parameters
+    if weighted_baseline:
+        centred = w * (adv - (adv * w).mean() / w.mean())
+    else:
+        centred = adv * w - (adv * w).mean()
+    wanted = float((ratio * centred).mean()) / (1.0 - model.gamma)
+    assert values["diag/reward_gain_return"] == pytest.approx(wanted, rel=1e-4)
+    assert values["diag/reward_gain_return"] != pytest.approx(values["train/objective"])  # it is unscaled
+
+
 def test_line_search_checks_the_objective_only_where_the_policy_is_feasible() -> None:
     from sb3_offtrc.core import StepCase
     from sb3_offtrc.offtrc.offtrc import objective_must_not_drop

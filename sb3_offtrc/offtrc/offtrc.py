@@ -44,6 +44,7 @@ from sb3_offtrc.core import (
     reward_surrogate,
     solve_constrained_step,
 )
+from sb3_offtrc.core.surrogates import centred_corrections
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
 from sb3_offtrc.offtrc.policies import NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
@@ -714,6 +715,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             critic_mean = float(v_c[:n][recent].mean())
             critic_var = float((s_c[:n][recent] ** 2).mean())
             self.logger.record("diag/cost_mean_window", cost_mean)
+            # the recent windows' reward return in the same units, to set against the reward steps'
+            # predicted changes (diag/reward_gain_return)
+            self.logger.record("diag/reward_mean_window", float(batch.rewards[recent].mean()) / (1.0 - gamma))
             self.logger.record("diag/cost_mean_critic", critic_mean)
             self.logger.record("diag/cost_std_critic", math.sqrt(critic_var))
             if self.cost_estimate == "critic":
@@ -919,6 +923,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.logger.record("diag/std", float(std_after.mean()))
         self.logger.record("diag/cvar_after", cvar_after)
         self.logger.record("train/objective", objective_new)
+        # the reward objective is divided by a scale (the advantages' spread); undone, and without an
+        # entropy term, it is the step's predicted change of the discounted reward return
+        reward_gain = 0.0
+        if ls_steps and not ls_failed:
+            reward_gain = objective_new - (ent_coef * entropy if ent_coef > 0.0 else 0.0)
+        if action_value:
+            scale = reward_scale
+        else:
+            scale = float(centred_corrections(targets.reward_advantage, rho, self.weighted_baseline).std()) + 1e-8
+        self.logger.record("diag/reward_gain_return", reward_gain * scale / (1.0 - self.gamma))
         self.logger.record("train/kl", kl_new)
         self.logger.record("train/line_search_steps", ls_steps)
         self.logger.record("train/line_search_failed", int(ls_failed))
