@@ -157,7 +157,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "env": args.env, "seed": args.seed, "steps": args.steps, "episodes": n_episodes,
         "cost_per_episode": float(costs.sum() / n_episodes), "critics": [], "gradient": {},
-        "code": code_version(),
+        "code": code_version("benchmarks/cost_signal.py"),
     }  # fmt: skip
 
     # 1. critic generalisation

@@ -200,7 +200,7 @@ def main() -> None:
     print(f"torch threads {th.get_num_threads()}, 1-minute load average {load:.1f}")
     result = {
         "threads": th.get_num_threads(), "load_average": load, "torch": th.__version__, "rows": rows,
-        "code": code_version(),
+        "code": code_version("benchmarks/critic_ensemble.py"),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

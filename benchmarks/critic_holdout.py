@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         args.env, args.steps, args.skip = "HazardPoint-v0", 3_000, 0
         hyperparams.update(n_steps=500, n_recent=500, n_batch=1_500, buffer_size=3_000)
     result = run(args.env, args.seed, args.steps, args.configs, args.skip, hyperparams)
-    result["code"] = code_version()
+    result["code"] = code_version("benchmarks/critic_holdout.py")
     print(table(result))
     out = Path(args.out) if args.out else RESULTS / f"critic_holdout_{args.env.replace('/', '_')}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

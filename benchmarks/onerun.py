@@ -312,8 +312,9 @@ def run_one(spec: RunSpec, run_dir: Path | None = None) -> dict[str, Any]:
 HARNESS_FILES = ["benchmarks/run.py", "benchmarks/grid.py", "benchmarks/onerun.py", "benchmarks/backends.py"]
 
 
-def code_version() -> dict[str, Any]:
-    """The git commit of the checkout and whether the package or the benchmarks differ from it."""
+def code_version(*scripts: str) -> dict[str, Any]:
+    """The git commit of the checkout and whether the package, the run harness or the given scripts
+    (paths relative to the checkout: a measurement script passes its own) differ from it."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -322,7 +323,7 @@ def code_version() -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "sb3_offtrc", *HARNESS_FILES],
+            ["git", "status", "--porcelain", "--", "sb3_offtrc", *HARNESS_FILES, *scripts],
             cwd=root,
             capture_output=True,
             text=True,

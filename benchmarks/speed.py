@@ -258,7 +258,7 @@ def main() -> None:
     steps = 1000 if args.quick else 3000
     result: dict[str, Any] = {
         "env": args.env,
-        "code": code_version(),
+        "code": code_version("benchmarks/speed.py"),
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": th.get_num_threads(),

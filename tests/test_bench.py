@@ -420,6 +420,23 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
             assert limits == {preset.cost_limit}, preset.name
 
 
+def test_code_version_marks_a_changed_measurement_script_dirty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # onerun imports the grid beside it
+    onerun = _load("onerun")
+    for name in ("sb3_offtrc/__init__.py", "benchmarks/onerun.py", "benchmarks/speed.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *command], cwd=tmp_path, check=True)
+    monkeypatch.setattr(onerun, "__file__", str(tmp_path / "benchmarks" / "onerun.py"))
+    assert onerun.code_version("benchmarks/speed.py")["dirty"] is False
+    (tmp_path / "benchmarks" / "speed.py").write_text("x = 2\n")
+    assert onerun.code_version()["dirty"] is False  # the package and the harness are as committed
+    version = onerun.code_version("benchmarks/speed.py")
+    assert version["dirty"] is True and len(version["commit"]) == 40
+
+
 def test_unknown_algorithm_is_refused_with_the_choices() -> None:
     proc = _run("benchmarks/run.py", "--quick", "--algos", "offtrc_cpu_fisher0.2", "--dry-run")
     assert proc.returncode == 2
