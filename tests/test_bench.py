@@ -177,6 +177,20 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     ]
 
 
+def test_report_judges_costs_against_the_native_arms_limit() -> None:
+    report = _load("report")
+
+    def run(algo: str, limit: float, env: dict[str, str] | None) -> object:
+        summary = {"algo": algo, "episode_cost_limit": limit, "hyperparams": {"env": env} if env else {}}
+        return report.Run(summary=summary, curve=pd.DataFrame(), episodes=pd.DataFrame())
+
+    smooth = run("rec_smooth", 50.0, {"cost": "smooth"})  # trains under its own limit, reported on the native cost
+    native = run("rec", 25.0, None)
+    assert report.reported_cost_limit([smooth, native]) == 25.0
+    assert report.reported_cost_limit([native, smooth]) == 25.0
+    assert report.reported_cost_limit([smooth]) == 50.0
+
+
 def test_report_marks_runs_made_by_other_code() -> None:
     """A run whose commit's algorithm or harness code differs from the present (or is unknown) is
     marked; one made by the code of HEAD (when the working tree's is HEAD's) is not."""
