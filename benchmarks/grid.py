@@ -573,8 +573,8 @@ LEARN7 = Preset(
 )
 
 #: Round 8 (docs/diagnosis.md, finding 25): over whole runs, the cost the steps predicted to remove
-#: was 40-400 times the cost that went (``diagnose.py``'s ``cost_calibration`` 0.00-0.02) on the Goal
-#: tasks, with every surrogate and training cost, but about equal (1.3) with the action-value step on
+#: was 20 or more times the cost that went (``diagnose.py``'s ``cost_calibration`` -0.04 to 0.05) on the
+#: Goal tasks, with every surrogate and training cost, but about equal (1.3) with the action-value step on
 #: HalfCheetahFlip, whose cost is a direct function of the body angle the next actions set. A cost whose
 #: next ten steps depend on the action: the smooth hazard-distance cost, discounted by 0.9
 LEARN8 = _study_round(
