@@ -102,21 +102,24 @@ def run_calibration(updates: pd.DataFrame, edge: int = 50, side: str = "cost") -
     the rows skip updates (several env copies: not every update is logged) or there are fewer than
     ``2 * edge`` of them.
     """
-    if side == "cost":
-        needed = ("train/cvar", "diag/cvar_after")
-    elif side == "reward":
-        needed = ("diag/reward_mean_window", "diag/reward_gain_return")
-    else:
+    columns = {
+        "cost": ("train/cvar", "diag/cvar_after"),
+        "reward": ("diag/reward_mean_window", "diag/reward_gain_return"),
+    }
+    if side not in columns:
         raise ValueError(f"side must be 'cost' or 'reward', got {side!r}")
-    if len(updates) < 2 * edge or any(column not in updates for column in needed):
+    estimate, after = columns[side]
+    if len(updates) < 2 * edge or estimate not in updates or after not in updates:
         return math.nan, math.nan
     if "train/n_updates" in updates and not np.all(np.diff(updates["train/n_updates"].to_numpy(dtype=float)) == 1):
         return math.nan, math.nan
-    value = updates[needed[0]].to_numpy(dtype=float)
-    if side == "cost":
-        change = (updates["diag/cvar_after"] - updates["train/cvar"]).to_numpy(dtype=float)
-    else:
-        change = updates["diag/reward_gain_return"].to_numpy(dtype=float)
+    value = updates[estimate].to_numpy(dtype=float)
+    # the cost side logs the CVaR after the step, the reward side the change itself
+    change = (
+        (updates[after] - updates[estimate]).to_numpy(dtype=float)
+        if side == "cost"
+        else updates[after].to_numpy(dtype=float)
+    )
     before = np.concatenate([[0.0], np.cumsum(np.nan_to_num(change))[:-1]])  # predicted change before each update
     realised = float(value[-edge:].mean() - value[:edge].mean())
     return realised, float(before[-edge:].mean() - before[:edge].mean())

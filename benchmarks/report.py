@@ -108,20 +108,24 @@ class Run:
         return int(self.summary.get("budget", self.summary["env_steps"]))
 
 
-def reported_cost_limit(env_runs: list[Run]) -> float | None:
-    """The episode cost limit the reported costs are judged against.
+def _reporting_run(env_runs: list[Run]) -> Run:
+    """The run whose episode cost limit the reported costs are judged against.
 
     An arm that trains on the smooth hazard cost (``hyperparams["env"]["cost"] == "smooth"``) trains
-    under its own limit but is evaluated, like every other arm, on the native cost: the limit is
-    that of the arms that train on the reported cost (the first run's where every arm is smooth).
+    under its own limit but is evaluated, like every other arm, on the native cost: the first run that
+    trains on the reported cost (the first run where every arm is smooth).
     """
 
     def smooth(run: Run) -> bool:
         env = (run.summary.get("hyperparams") or {}).get("env") or {}
         return isinstance(env, dict) and env.get("cost") == "smooth"
 
-    native = [r for r in env_runs if not smooth(r)] or env_runs
-    return native[0].summary.get("episode_cost_limit") if native else None
+    return next((r for r in env_runs if not smooth(r)), env_runs[0])
+
+
+def reported_cost_limit(env_runs: list[Run]) -> float | None:
+    """The episode cost limit the reported costs are judged against (see :func:`_reporting_run`)."""
+    return _reporting_run(env_runs).summary.get("episode_cost_limit")
 
 
 def _budgets(env_runs: list[Run]) -> list[int]:
@@ -409,8 +413,8 @@ def table(runs: list[Run]) -> str:
     lines = []
     for env_id in sorted({r.env_id for r in runs}):
         env_runs = [r for r in runs if r.env_id == env_id]
-        limit = reported_cost_limit(env_runs)
-        first = next((r.summary for r in env_runs if r.summary.get("episode_cost_limit") == limit), env_runs[0].summary)
+        first = _reporting_run(env_runs).summary
+        limit = first.get("episode_cost_limit")
         sac_rates = [_cpu_rate(r) for r in env_runs if r.algo == "sac"]
         sac_rate = float(np.mean(sac_rates)) if sac_rates else math.nan
         lines += [

@@ -927,7 +927,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         # entropy term, it is the step's predicted change of the discounted reward return
         reward_gain = 0.0
         if ls_steps and not ls_failed:
-            reward_gain = objective_new - (ent_coef * entropy if ent_coef > 0.0 else 0.0)
+            reward_gain = objective_new - ent_coef * entropy
         if action_value:
             scale = reward_scale
         else:
