@@ -591,6 +591,38 @@ LEARN8 = _study_round(
     cost_limits={"rec_actionvalue_smooth_limit2x_cg0.9": 0.05},
 )
 
+#: Round 9 (docs/diagnosis.md, finding 27): the smooth-cost action-value arm (limit 50) ended at 1M on
+#: PointGoal1 at return 19.64 with native cost 30.7 (one seed of three under 25); over its last 100
+#: training episodes the smooth cost sat at 56-60 (12-20% above its limit) and was 2.1-2.5 times the
+#: native one. A limit of 40 per episode, and the limit-50 arm on CarGoal1, where the native-cost
+#: action-value arm's cost was 44.9 (seed 0)
+LEARN9 = Preset(
+    name="learn9",
+    blocks=[
+        Block(
+            algos=["rec_actionvalue_smooth_limit1.6x"],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
+        Block(
+            algos=["rec_actionvalue_smooth_limit2x"],
+            envs=["SafetyCarGoal1-v0"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
+    ],
+    cost_limit=0.025,
+    eval_freq=50_000,
+    n_eval_episodes=10,
+    hyperparams={
+        "rec_actionvalue_smooth_limit1.6x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
+        "rec_actionvalue_smooth_limit2x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
+    },
+    cost_limits={"rec_actionvalue_smooth_limit1.6x": 0.04, "rec_actionvalue_smooth_limit2x": 0.05},
+    variants={"rec_actionvalue_smooth_limit1.6x": "offtrc", "rec_actionvalue_smooth_limit2x": "offtrc"},
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -605,6 +637,7 @@ PRESETS = {
     "learn6": LEARN6,
     "learn7": LEARN7,
     "learn8": LEARN8,
+    "learn9": LEARN9,
     "main": MAIN,
 }
 

@@ -41,6 +41,7 @@ ALGO_ORDER = [
     "offtrc_recommended",
     "rec_actionvalue",
     "rec_actionvalue_smooth_limit2x",
+    "rec_actionvalue_smooth_limit1.6x",
     "offtrc",
     "offtrc_cpu",
     "sac_lag",
@@ -54,6 +55,8 @@ LABELS = {
     "rec_actionvalue": "OffTRC (recommended, action-value surrogate)",
     # round 7 (LEARN7): the same trained on the smooth hazard-distance cost, limit 50, native cost reported
     "rec_actionvalue_smooth_limit2x": "OffTRC (action-value, smooth training cost)",
+    # round 9 (LEARN9): the same with the smooth cost's limit at 40 per episode
+    "rec_actionvalue_smooth_limit1.6x": "OffTRC (action-value, smooth training cost, limit 40)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",

@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         "hazard-distance cost, discounted by 0.9), 300k steps",
     )
     group.add_argument(
+        "--learn9",
+        action="store_true",
+        help="the learning study's ninth round: the smooth-cost action-value arm at limit 40 on PointGoal1 and at "
+        "limit 50 on CarGoal1, 1M steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(
