@@ -4,7 +4,8 @@ Reads every ``<env>/<algo>/seed<k>/`` that has a ``summary.json`` (finished runs
 next to them:
 
 - ``curves_<env>.png``: evaluation return and episode cost (top) and training return and episode
-  cost (bottom) against env steps, mean ± std over seeds, the episode cost limit dashed;
+  cost (bottom) against env steps, mean ± std over seeds, the episode cost limit dashed (the
+  longest runs'; an env's shorter budgets get ``curves_<env>_<N>k.png``);
 - ``report.md``: per env and algorithm, over seeds (mean ± std): final eval return, final eval
   episode cost and its CVaR, total training-time constraint violations, env steps until the eval
   cost stays under the limit, training env-steps per wall-clock second and per CPU second of the
@@ -548,8 +549,10 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     figures = []  # (env id, budget, runs, file name)
     for env_id in sorted({r.env_id for r in runs}):
         all_env_runs = [r for r in runs if r.env_id == env_id]
-        for rank, budget in enumerate(_budgets(all_env_runs)):
-            name = f"curves_{env_id.replace('/', '_')}" + ("" if rank == 0 else f"_{budget // 1000}k")
+        budgets = _budgets(all_env_runs)
+        for budget in budgets:
+            # the longest runs' figure without suffix, so that adding runs never renames a figure
+            name = f"curves_{env_id.replace('/', '_')}" + ("" if budget == max(budgets) else f"_{budget // 1000}k")
             figures.append((env_id, budget, [r for r in all_env_runs if r.budget == budget], name))
     for env_id, budget, env_runs, name in figures:
         limit = reported_cost_limit(env_runs)

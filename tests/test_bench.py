@@ -168,13 +168,12 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     rows = [line for line in report.table(runs).splitlines() if line.startswith("| OffTRC (cpu preset)")]
     assert len(rows) == 2
     assert "| 2 | 1,000 | 3.00 ± 1.00 |" in rows[0] and "| 1 | 5,000 | 100.00 |" in rows[1]
-    names = sorted(path.name for path in report.plot(runs, tmp_path))
-    assert names == [
-        "curves_E-v0.png",
-        "curves_E-v0_5k.png",
-        "curves_E-v0_5k_wallclock.png",
-        "curves_E-v0_wallclock.png",
-    ]
+    # the longest runs' figure is unsuffixed whichever budget has more runs
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    expected = ["curves_E-v0.png", "curves_E-v0_1k.png", "curves_E-v0_1k_wallclock.png", "curves_E-v0_wallclock.png"]
+    assert sorted(path.name for path in report.plot(runs, tmp_path / "a")) == expected
+    more = runs[:1] + [run("offtrc_cpu", 7, 5000, 90.0), run("offtrc_cpu", 8, 5000, 80.0)]
+    assert sorted(path.name for path in report.plot(more, tmp_path / "b")) == expected
 
 
 def test_report_judges_costs_against_the_native_arms_limit() -> None:
