@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "--learn9",
         action="store_true",
         help="the learning study's ninth round: the smooth-cost action-value arm at limit 40 on PointGoal1 and at "
-        "limit 50 on CarGoal1, 1M steps",
+        "limits 50 and 40 on CarGoal1, 1M steps",
     )
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"

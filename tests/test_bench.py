@@ -430,6 +430,7 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     learn9 = {(s.algo, s.env_id): s for s in run.expand(run.PRESETS["learn9"], BENCH, None, None, [0], None)}
     assert learn9[("rec_actionvalue_smooth_limit1.6x", "SafetyPointGoal1-v0")].cost_limit == 0.04
     assert learn9[("rec_actionvalue_smooth_limit2x", "SafetyCarGoal1-v0")].cost_limit == 0.05
+    assert learn9[("rec_actionvalue_smooth_limit1.6x", "SafetyCarGoal1-v0")].cost_limit == 0.04
     assert all(s.hyperparams["env"] == {"cost": "smooth"} for s in learn9.values())
     assert all(s.hyperparams["surrogate"] == "action_value" for s in learn9.values())
     for preset in run.PRESETS.values():
