@@ -169,7 +169,8 @@ def test_report_keeps_a_longer_run_apart(tmp_path: Path) -> None:
     assert len(rows) == 2
     assert "| 2 | 1,000 | 3.00 ± 1.00 |" in rows[0] and "| 1 | 5,000 | 100.00 |" in rows[1]
     # the longest runs' figure is unsuffixed whichever budget has more runs
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
     expected = ["curves_E-v0.png", "curves_E-v0_1k.png", "curves_E-v0_1k_wallclock.png", "curves_E-v0_wallclock.png"]
     assert sorted(path.name for path in report.plot(runs, tmp_path / "a")) == expected
     more = runs[:1] + [run("offtrc_cpu", 7, 5000, 90.0), run("offtrc_cpu", 8, 5000, 80.0)]
