@@ -361,19 +361,18 @@ LEARN2_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _study_round(
+def _study(
     name: str,
+    blocks: list[Block],
     variants: dict[str, dict[str, Any]],
-    seeds: list[int],
-    budget: int,
     cost_limits: dict[str, float] | None = None,
 ) -> Preset:
-    """A round of the learning study on SafetyPointGoal1-v0: every arm an OffTRC variant, ten
-    evaluation episodes every 50k steps. ``cost_limits``: the per-step limits of arms that train with
-    another limit than the native 0.025 (their summaries record the limit they trained with)."""
+    """A round of the learning study: every arm an OffTRC variant, ten evaluation episodes every 50k
+    steps. ``cost_limits``: the per-step limits of arms that train with another limit than the native
+    0.025 (their summaries record the limit they trained with)."""
     return Preset(
         name=name,
-        blocks=[Block(algos=list(variants), envs=["SafetyPointGoal1-v0"], seeds=seeds, budget=budget)],
+        blocks=blocks,
         cost_limit=0.025,
         cost_limits=dict(cost_limits or {}),
         eval_freq=50_000,
@@ -381,6 +380,18 @@ def _study_round(
         hyperparams=dict(variants),
         variants={arm: "offtrc" for arm in variants},
     )
+
+
+def _study_round(
+    name: str,
+    variants: dict[str, dict[str, Any]],
+    seeds: list[int],
+    budget: int,
+    cost_limits: dict[str, float] | None = None,
+) -> Preset:
+    """A round of the learning study on SafetyPointGoal1-v0, every arm in one block."""
+    block = Block(algos=list(variants), envs=["SafetyPointGoal1-v0"], seeds=seeds, budget=budget)
+    return _study(name, [block], variants, cost_limits)
 
 
 LEARN2 = _study_round("learn2", LEARN2_VARIANTS, seeds=[0, 1, 2], budget=200_000)
@@ -529,9 +540,10 @@ LEARN6 = _study_round(
 #: critic fitted as SAC-Lagrangian's; and the arm on the two other tasks of the main comparison
 #: before it can become the preset
 _ACTION_VALUE = {**get_preset("recommended"), "surrogate": "action_value"}
-LEARN7 = Preset(
-    name="learn7",
-    blocks=[
+_SMOOTH_ACTION_VALUE = {**_ACTION_VALUE, "env": {"cost": "smooth"}}
+LEARN7 = _study(
+    "learn7",
+    [
         Block(
             algos=["rec_actionvalue_recent5k", "rec_actionvalue_tdcost", "rec_actionvalue_smooth_limit2x"],
             envs=["SafetyPointGoal1-v0"],
@@ -545,10 +557,7 @@ LEARN7 = Preset(
             budget=1_000_000,
         ),
     ],
-    cost_limit=0.025,
-    eval_freq=50_000,
-    n_eval_episodes=10,
-    hyperparams={
+    {
         "rec_actionvalue_recent5k": {**_ACTION_VALUE, "n_recent": 5_000},
         # Q_C fitted as SAC-Lagrangian fits its cost critic (one-step targets, a target network), with
         # the retrace fit's budget: 100 Adam steps of 500 rows per update, so that the arm differs by
@@ -557,19 +566,10 @@ LEARN7 = Preset(
         "rec_actionvalue_tdcost": {**_ACTION_VALUE, "cost_q_target": "td", "cost_q_gradient_steps": 100},
         # the paper's smooth hazard-distance training cost (limit 50: finding 15's smooth-to-native ratio
         # is 2-4): a cost that changes with every action, so that Q_C can have a slope in the action
-        "rec_actionvalue_smooth_limit2x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
+        "rec_actionvalue_smooth_limit2x": _SMOOTH_ACTION_VALUE,
         "rec_actionvalue": _ACTION_VALUE,
     },
-    cost_limits={"rec_actionvalue_smooth_limit2x": 0.05},
-    variants={
-        arm: "offtrc"
-        for arm in (
-            "rec_actionvalue_recent5k",
-            "rec_actionvalue_tdcost",
-            "rec_actionvalue_smooth_limit2x",
-            "rec_actionvalue",
-        )
-    },
+    {"rec_actionvalue_smooth_limit2x": 0.05},
 )
 
 #: Round 8 (docs/diagnosis.md, finding 25): over whole runs, the cost the steps predicted to remove
@@ -580,11 +580,7 @@ LEARN7 = Preset(
 LEARN8 = _study_round(
     "learn8",
     {
-        "rec_actionvalue_smooth_limit2x_cg0.9": {
-            **_ACTION_VALUE,
-            "env": {"cost": "smooth"},
-            "cost_gamma": 0.9,
-        },
+        "rec_actionvalue_smooth_limit2x_cg0.9": {**_SMOOTH_ACTION_VALUE, "cost_gamma": 0.9},
     },
     seeds=[0, 1, 2],
     budget=300_000,
@@ -596,9 +592,9 @@ LEARN8 = _study_round(
 #: training episodes the smooth cost sat at 56-60 (12-20% above its limit) and was 2.1-2.5 times the
 #: native one. A limit of 40 per episode, and the limit-50 arm on CarGoal1, where the native-cost
 #: action-value arm's cost was 44.9 (seed 0)
-LEARN9 = Preset(
-    name="learn9",
-    blocks=[
+LEARN9 = _study(
+    "learn9",
+    [
         Block(
             algos=["rec_actionvalue_smooth_limit1.6x"],
             envs=["SafetyPointGoal1-v0"],
@@ -621,15 +617,8 @@ LEARN9 = Preset(
             budget=1_000_000,
         ),
     ],
-    cost_limit=0.025,
-    eval_freq=50_000,
-    n_eval_episodes=10,
-    hyperparams={
-        "rec_actionvalue_smooth_limit1.6x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
-        "rec_actionvalue_smooth_limit2x": {**_ACTION_VALUE, "env": {"cost": "smooth"}},
-    },
-    cost_limits={"rec_actionvalue_smooth_limit1.6x": 0.04, "rec_actionvalue_smooth_limit2x": 0.05},
-    variants={"rec_actionvalue_smooth_limit1.6x": "offtrc", "rec_actionvalue_smooth_limit2x": "offtrc"},
+    {"rec_actionvalue_smooth_limit1.6x": _SMOOTH_ACTION_VALUE, "rec_actionvalue_smooth_limit2x": _SMOOTH_ACTION_VALUE},
+    {"rec_actionvalue_smooth_limit1.6x": 0.04, "rec_actionvalue_smooth_limit2x": 0.05},
 )
 
 PRESETS = {
