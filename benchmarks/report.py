@@ -133,9 +133,8 @@ def reported_cost_limit(env_runs: list[Run]) -> float | None:
 
 
 def _budgets(env_runs: list[Run]) -> list[int]:
-    """The env's budgets, the one with most runs first (a longer trend run gets its own rows and figure)."""
-    counts = Counter(r.budget for r in env_runs)
-    return sorted(counts, key=lambda b: (-counts[b], b))
+    """The env's budgets, longest first (each budget gets its own rows and figure)."""
+    return sorted({r.budget for r in env_runs}, reverse=True)
 
 
 def _algo_key(algo: str) -> tuple[int, str]:
