@@ -621,6 +621,26 @@ LEARN9 = _study(
     {"rec_actionvalue_smooth_limit1.6x": 0.04, "rec_actionvalue_smooth_limit2x": 0.05},
 )
 
+#: Round 11 (docs/diagnosis.md, findings 22 and 30): over whole runs the cost steps change the cost by
+#: 0-5% of what they predict on the Goal tasks, whatever the surrogate and training cost, so a lower
+#: limit only picks another point of the same trade-off (on PointGoal1 not a good enough one). The
+#: cost critic was fitted as SAC-Lagrangian's on a tenth of SAC's Adam steps (finding 22); here with
+#: as many as SAC takes, one per env step (1000 minibatches of 500 rows per update), on the smooth
+#: cost of finding 27's arm (limit 50), 300k steps: does ``cost_calibration`` leave zero?
+LEARN10 = _study_round(
+    "learn10",
+    {
+        "rec_actionvalue_smooth_limit2x_tdcost": {
+            **_SMOOTH_ACTION_VALUE,
+            "cost_q_target": "td",
+            "cost_q_gradient_steps": 1000,
+        },
+    },
+    seeds=[0, 1, 2],
+    budget=300_000,
+    cost_limits={"rec_actionvalue_smooth_limit2x_tdcost": 0.05},
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -636,6 +656,7 @@ PRESETS = {
     "learn7": LEARN7,
     "learn8": LEARN8,
     "learn9": LEARN9,
+    "learn10": LEARN10,
     "main": MAIN,
 }
 

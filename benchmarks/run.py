@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         "limits 50 and 40 on CarGoal1, 1M steps",
     )
     group.add_argument(
+        "--learn10",
+        action="store_true",
+        help="the learning study's eleventh round: the smooth-cost action-value arm with its cost critic fitted as "
+        "SAC-Lagrangian's, on SAC's number of Adam steps, 300k steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(
