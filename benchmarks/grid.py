@@ -626,10 +626,15 @@ LEARN9 = _study(
 #: limit only picks another point of the same trade-off (on PointGoal1 not a good enough one). The
 #: cost critic was fitted as SAC-Lagrangian's on a tenth of SAC's Adam steps (finding 22); here with
 #: as many as SAC takes, one per env step (1000 minibatches of 500 rows per update), on the smooth
-#: cost of finding 27's arm (limit 50), 300k steps: does ``cost_calibration`` leave zero?
+#: cost of finding 27's arm (limit 50), 300k steps: does ``cost_calibration`` leave zero? And the same
+#: arm with critics that see the exploration noise instead of the action (``action_value_input=
+#: "deviation"``): a window is one policy's one episode, so the replayed action tells the critics which
+#: of the buffer's 50 policies acted, and with it how lucky its episode was; a step along that slope
+#: moves towards the lucky policies, which predicts much and changes nothing
 LEARN10 = _study_round(
     "learn10",
     {
+        "rec_actionvalue_smooth_limit2x_dev": {**_SMOOTH_ACTION_VALUE, "action_value_input": "deviation"},
         "rec_actionvalue_smooth_limit2x_tdcost": {
             **_SMOOTH_ACTION_VALUE,
             "cost_q_target": "td",
@@ -638,7 +643,7 @@ LEARN10 = _study_round(
     },
     seeds=[0, 1, 2],
     budget=300_000,
-    cost_limits={"rec_actionvalue_smooth_limit2x_tdcost": 0.05},
+    cost_limits={"rec_actionvalue_smooth_limit2x_tdcost": 0.05, "rec_actionvalue_smooth_limit2x_dev": 0.05},
 )
 
 PRESETS = {

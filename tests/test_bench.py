@@ -435,9 +435,11 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     assert learn9[("rec_actionvalue_smooth_limit1.6x", "SafetyCarGoal1-v0")].cost_limit == 0.04
     assert all(s.hyperparams["env"] == {"cost": "smooth"} for s in learn9.values())
     assert all(s.hyperparams["surrogate"] == "action_value" for s in learn9.values())
-    (learn10,) = run.expand(run.PRESETS["learn10"], BENCH, None, None, [0], None)
-    assert learn10.cost_limit == 0.05 and learn10.hyperparams["env"] == {"cost": "smooth"}
-    assert (learn10.hyperparams["cost_q_target"], learn10.hyperparams["cost_q_gradient_steps"]) == ("td", 1000)
+    learn10 = {s.algo: s for s in run.expand(run.PRESETS["learn10"], BENCH, None, None, [0], None)}
+    assert all(s.cost_limit == 0.05 and s.hyperparams["env"] == {"cost": "smooth"} for s in learn10.values())
+    td = learn10["rec_actionvalue_smooth_limit2x_tdcost"].hyperparams
+    assert (td["cost_q_target"], td["cost_q_gradient_steps"]) == ("td", 1000)
+    assert learn10["rec_actionvalue_smooth_limit2x_dev"].hyperparams["action_value_input"] == "deviation"
     for preset in run.PRESETS.values():
         if preset.name not in ("learn4", "learn7", "learn8", "learn9", "learn10"):
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}

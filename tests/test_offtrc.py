@@ -22,6 +22,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNorm
 from sb3_offtrc import OffTRC
 from sb3_offtrc.core import diag_gaussian_kl, gaussian_fisher_vector_product, kl_hessian_vector_product
 from sb3_offtrc.offtrc import CostReplayBuffer
+from sb3_offtrc.offtrc.buffers import WindowBatch
 from sb3_offtrc.offtrc import offtrc as offtrc_module
 from sb3_offtrc.offtrc.policies import GaussianActor, NumpyActor
 
@@ -1017,6 +1018,77 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
         OffTRC.load(tmp_path / "plain.zip", surrogate="action_value")
     with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
         OffTRC.load(tmp_path / "m.zip", surrogate="importance")
+
+
+def test_action_value_input_deviation_feeds_the_critics_the_noise_not_the_action(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``action_value_input="deviation"``: the action-value critics are fitted on ``a_t - mean_b(s_t)``
+    and scored on the newest rows the same way, the step evaluates them at the candidate's action less
+    pi_k's mean (at theta_k: the noise ``std_k * eps`` alone), save/load keeps the setting, and bad
+    input is refused."""
+    with pytest.raises(ValueError, match="action_value_input must be one of 'action', 'deviation'"):
+        _model(surrogate="action_value", action_value_input="noise")
+    with pytest.raises(ValueError, match="pass surrogate='action_value' as well, or leave action_value_input out"):
+        _model(action_value_input="deviation")
+    with pytest.raises(ValueError, match="not for cost_q_target='td'"):
+        _model(surrogate="action_value", cost_q_target="td", action_value_input="deviation")
+
+    def inputs_seen(model: OffTRC) -> tuple[WindowBatch, list[th.Tensor], list[th.Tensor]]:
+        """One update's batch, the action columns of every ``action_values`` call and of the Q fit."""
+        batches: list[WindowBatch] = []
+        real_sample = model.replay_buffer.sample_windows
+
+        def sample_spy(*args: Any, **kwargs: Any) -> WindowBatch:
+            batches.append(real_sample(*args, **kwargs))
+            return batches[-1]
+
+        scored: list[th.Tensor] = []
+        real_values = model.policy.action_values
+
+        def values_spy(features: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+            scored.append(actions.detach().clone())
+            return real_values(features, actions)
+
+        fitted: list[th.Tensor] = []
+        real_fit = model._fit_jobs
+
+        def fit_spy(features: th.Tensor, jobs: Any) -> None:
+            if any("q_critic" in job[0] for job in jobs):
+                fitted.append(features[:, -action_dim:].clone())
+            real_fit(features, jobs)
+
+        monkeypatch.setattr(model.replay_buffer, "sample_windows", sample_spy)
+        monkeypatch.setattr(model.policy, "action_values", values_spy)
+        monkeypatch.setattr(model, "_fit_jobs", fit_spy)
+        model.train(gradient_steps=1)
+        monkeypatch.undo()
+        (batch,) = batches
+        return batch, scored, fitted
+
+    for setting in ("action", "deviation"):
+        model = _model(surrogate="action_value", cvar_alpha=1.0, action_value_input=setting)
+        model.learn(300)
+        action_dim = model.action_space.shape[0]
+        with th.no_grad():  # a policy whose mean sits far from zero, so that action and deviation differ
+            model.policy.actor.mean_head.bias.fill_(1.5)
+        batch, scored, (fit_actions,) = inputs_seen(model)
+        centre = batch.behaviour_mean if setting == "deviation" else th.zeros_like(batch.actions)
+        th.testing.assert_close(fit_actions, batch.actions - centre)  # the fit's inputs
+        recent = batch.recent > 0
+        th.testing.assert_close(scored[0], (batch.actions - centre)[recent])  # the held-out score's
+        with th.no_grad():
+            mean_k, std_k = model.policy.distribution(batch.observations)
+        # the step's first call is at theta_k: mean_k + std_k eps, or (deviation) std_k eps
+        eps = (scored[1] - (mean_k if setting == "action" else 0.0)) / std_k
+        assert abs(float(eps.mean())) < 0.2 and 0.8 < float(eps.std()) < 1.2
+        assert float(mean_k.mean()) > 0.5  # so the other setting's eps would have failed the check above
+
+    model.save(tmp_path / "dev.zip")
+    assert OffTRC.load(tmp_path / "dev.zip", env=CostPendulum()).action_value_input == "deviation"
+    assert OffTRC.load(tmp_path / "dev.zip", env=CostPendulum(), action_value_input="deviation").n_recent == 100
+    with pytest.raises(ValueError, match="was saved with action_value_input='deviation', not 'action'"):
+        OffTRC.load(tmp_path / "dev.zip", action_value_input="action")
 
 
 def test_td_action_value_fit_reaches_the_bellman_fixed_point() -> None:

@@ -62,6 +62,7 @@ COST_ESTIMATES = ("window", "critic")
 #: how the step's reward objective and expected-cost term are estimated (``OffTRC(surrogate=...)``)
 SURROGATES = ("importance", "action_value")
 COST_Q_TARGETS = ("retrace", "td")
+ACTION_VALUE_INPUTS = ("action", "deviation")
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -120,6 +121,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         attribute ``OffTRC.cost_q_tau``), in
         ``cost_q_gradient_steps`` minibatch steps per update drawn at random from the batch (a
         deviation from the paper; docs/diagnosis.md).
+    :param action_value_input: What the action-value critics of ``surrogate="action_value"`` see beside
+        the state: ``"action"`` (default) the replayed action ``a_t``; ``"deviation"`` its deviation
+        ``a_t - mean_b(s_t)`` from the mean of the policy that took it (the exploration noise), and in
+        the step the candidate policy's action less the current policy's mean. Each window is one
+        policy, so the action tells the critics which policy acted, and through it how lucky that
+        policy's episode was; the deviation carries only what the noise did (a deviation from the
+        paper; docs/diagnosis.md).
     :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
         ``critic_batch_size`` rows (256 if that is None); ``None`` (default): one per env step collected
         since the last update (``n_steps``), as SAC-Lagrangian takes them
@@ -205,6 +213,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         surrogate: str = "importance",
         cost_q_target: str = "retrace",
         cost_q_gradient_steps: int | None = None,
+        action_value_input: str = "action",
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -282,6 +291,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.surrogate = surrogate
         self.cost_q_target = cost_q_target
         self.cost_q_gradient_steps = cost_q_gradient_steps
+        self.action_value_input = action_value_input
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -378,6 +388,21 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     f"cost_q_target={self.cost_q_target!r} it would do nothing: pass cost_q_target='td' or leave it out"
                 )
             self.cost_q_gradient_steps = check_int(owner, "cost_q_gradient_steps", self.cost_q_gradient_steps)
+        self.action_value_input = getattr(self, "action_value_input", "action")
+        if self.action_value_input not in ACTION_VALUE_INPUTS:
+            choices = ", ".join(map(repr, ACTION_VALUE_INPUTS))
+            raise ValueError(f"OffTRC: action_value_input must be one of {choices}, got {self.action_value_input!r}")
+        if self.action_value_input != "action" and self.surrogate != "action_value":
+            raise ValueError(
+                f"OffTRC: action_value_input={self.action_value_input!r} sets the inputs of the action-value "
+                "critics, which only surrogate='action_value' has: pass surrogate='action_value' as well, or leave "
+                "action_value_input out"
+            )
+        if self.action_value_input == "deviation" and self.cost_q_target == "td":
+            raise ValueError(
+                "OffTRC: action_value_input='deviation' is built for the off-policy targets only, not for "
+                "cost_q_target='td' (whose targets draw the next action afresh): leave one of them out"
+            )
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -738,7 +763,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.surrogate == "action_value":
             # only the held-out (recent) rows are scored: no forward pass over the whole batch for a log line
             with th.no_grad():
-                q_r, q_c = policy.action_values(policy.features(obs[recent]), actions[recent])
+                q_r, q_c = policy.action_values(
+                    policy.features(obs[recent]), self._q_actions(actions[recent], batch.behaviour_mean[recent])
+                )
             self._log_critic_holdout(
                 th.ones_like(q_r, dtype=th.bool),
                 (q_r, q_c),
@@ -747,9 +774,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             )
         self._log_monte_carlo_cost(batch)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
-        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=actions)
+        q_actions = self._q_actions(actions, batch.behaviour_mean)
+        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=q_actions)
         if self.cost_q_target == "td":
             self._fit_cost_q_td(batch)
+
+    def _q_actions(self, actions: th.Tensor, centre: th.Tensor) -> th.Tensor:
+        """The action input of the action-value critics: ``actions`` as they are, or (``action_value_input=
+        "deviation"``) less ``centre``, the mean of the policy whose deviation they are."""
+        return actions - centre if self.action_value_input == "deviation" else actions
 
     def _log_critic_holdout(
         self,
@@ -830,7 +863,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             features = policy.features(obs)
             noise = th.randn_like(mean_k)
             with th.no_grad():
-                q_r_k, q_c_k = policy.action_values(features, mean_k + std_k * noise)
+                q_r_k, q_c_k = policy.action_values(features, self._q_actions(mean_k + std_k * noise, mean_k))
             reward_scale = float(targets.reward_advantage.std()) + 1e-8
 
         def terms(
@@ -838,7 +871,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         ) -> tuple[th.Tensor, th.Tensor]:
             """The reward objective (without entropy) and the CVaR surrogate on the given rows."""
             if action_value:
-                q_r, q_c = policy.action_values(features[rows], mean[rows] + std[rows] * noise[rows])
+                q_r, q_c = policy.action_values(
+                    features[rows], self._q_actions(mean[rows] + std[rows] * noise[rows], mean_k[rows])
+                )
                 objective = action_value_gain(q_r, q_r_k[rows]) / reward_scale
                 cvar = action_value_cost_surrogates(
                     q_c, q_c_k[rows], ratio[rows], targets.var_advantage[rows], rho[rows], constants,
@@ -1207,6 +1242,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         a trusted source.
         """
         check_model_zip(path, "OffTRC", ("n_recent", "n_batch", "cvar_alpha"))
+        if "action_value_input" in kwargs:
+            # the critics' weights fit either input alike: only the saved setting can tell them apart
+            wanted = kwargs.pop("action_value_input")
+            model = cls.load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
+            if model.action_value_input != wanted:
+                raise ValueError(
+                    f"{path} was saved with action_value_input={model.action_value_input!r}, not {wanted!r}: "
+                    "its action-value critics were fitted on that input. Load it without action_value_input=..., "
+                    "or train a new model with the setting you want."
+                )
+            return model
         try:
             return super().load(  # type: ignore[return-value]
                 path,
