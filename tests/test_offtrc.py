@@ -22,8 +22,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNorm
 from sb3_offtrc import OffTRC
 from sb3_offtrc.core import diag_gaussian_kl, gaussian_fisher_vector_product, kl_hessian_vector_product
 from sb3_offtrc.offtrc import CostReplayBuffer
-from sb3_offtrc.offtrc.buffers import WindowBatch
 from sb3_offtrc.offtrc import offtrc as offtrc_module
+from sb3_offtrc.offtrc.buffers import WindowBatch
 from sb3_offtrc.offtrc.policies import GaussianActor, NumpyActor
 
 SMALL: dict[str, Any] = dict(
