@@ -635,6 +635,10 @@ LEARN10 = _study_round(
     "learn10",
     {
         "rec_actionvalue_smooth_limit2x_dev": {**_SMOOTH_ACTION_VALUE, "action_value_input": "deviation"},
+        # a pair of critics per side, the step reading the smaller reward and the larger cost value (SAC's
+        # clipped pair): the cost steps predict 20 or more times the change that happens (finding 25), as a
+        # step would that gains on the critics' errors
+        "rec_actionvalue_smooth_limit2x_twinq": {**_SMOOTH_ACTION_VALUE, "n_q_critics": 2},
         "rec_actionvalue_smooth_limit2x_tdcost": {
             **_SMOOTH_ACTION_VALUE,
             "cost_q_target": "td",
@@ -643,7 +647,11 @@ LEARN10 = _study_round(
     },
     seeds=[0, 1, 2],
     budget=300_000,
-    cost_limits={"rec_actionvalue_smooth_limit2x_tdcost": 0.05, "rec_actionvalue_smooth_limit2x_dev": 0.05},
+    cost_limits={
+        "rec_actionvalue_smooth_limit2x_tdcost": 0.05,
+        "rec_actionvalue_smooth_limit2x_dev": 0.05,
+        "rec_actionvalue_smooth_limit2x_twinq": 0.05,
+    },
 )
 
 PRESETS = {

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "--learn10",
         action="store_true",
         help="the learning study's eleventh round: the smooth-cost action-value arm with its cost critic fitted as "
-        "SAC-Lagrangian's (SAC's number of Adam steps), or with critics that see the exploration noise, 300k steps",
+        "SAC-Lagrangian's (SAC's number of Adam steps), with critics that see the exploration noise, or with a "
+        "pessimistic pair of critics per side, 300k steps",
     )
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"

@@ -440,6 +440,7 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     td = learn10["rec_actionvalue_smooth_limit2x_tdcost"].hyperparams
     assert (td["cost_q_target"], td["cost_q_gradient_steps"]) == ("td", 1000)
     assert learn10["rec_actionvalue_smooth_limit2x_dev"].hyperparams["action_value_input"] == "deviation"
+    assert learn10["rec_actionvalue_smooth_limit2x_twinq"].hyperparams["n_q_critics"] == 2
     for preset in run.PRESETS.values():
         if preset.name not in ("learn4", "learn7", "learn8", "learn9", "learn10"):
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}

@@ -1014,9 +1014,9 @@ def test_action_value_surrogate_fits_q_critics_steps_through_them_and_round_trip
     loaded.learn(100, reset_num_timesteps=False)
     # a model keeps its surrogate: loading it with another one is refused, either way round
     default.save(tmp_path / "plain.zip")
-    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate, cost_q_target and n_q_critics it was built with"):
         OffTRC.load(tmp_path / "plain.zip", surrogate="action_value")
-    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate, cost_q_target and n_q_critics it was built with"):
         OffTRC.load(tmp_path / "m.zip", surrogate="importance")
 
 
@@ -1089,6 +1089,54 @@ def test_action_value_input_deviation_feeds_the_critics_the_noise_not_the_action
     assert OffTRC.load(tmp_path / "dev.zip", env=CostPendulum(), action_value_input="deviation").n_recent == 100
     with pytest.raises(ValueError, match="was saved with action_value_input='deviation', not 'action'"):
         OffTRC.load(tmp_path / "dev.zip", action_value_input="action")
+
+
+def test_n_q_critics_two_fits_a_second_pair_and_the_step_reads_the_pessimistic_values(tmp_path: Any) -> None:
+    """``n_q_critics=2``: a second Q_R and Q_C, initialised apart, are fitted to the same targets; the
+    step's values are the smaller reward and the larger cost value of each pair; save/load keeps the
+    pair; bad input is refused."""
+    for bad in (3, 0, True):
+        with pytest.raises(ValueError, match="n_q_critics must be 1 or 2"):
+            _model(surrogate="action_value", n_q_critics=bad)
+    with pytest.raises(ValueError, match="pass surrogate='action_value' as well, or leave n_q_critics out"):
+        _model(n_q_critics=2)
+    with pytest.raises(ValueError, match="not for cost_q_target='td'"):
+        _model(surrogate="action_value", cost_q_target="td", n_q_critics=2)
+    with pytest.raises(ValueError, match="pass n_q_critics to OffTRC instead"):
+        _model(surrogate="action_value", policy_kwargs=dict(net_arch=[16, 16], n_q_critics=2))
+    assert not hasattr(_model(surrogate="action_value").policy, "cost_q_critic_2")
+
+    model = _model(surrogate="action_value", cvar_alpha=1.0, n_q_critics=2)
+    policy = model.policy
+    before = {name: [p.detach().clone() for p in getattr(policy, name).parameters()] for name in
+              ("reward_q_critic_2", "cost_q_critic_2")}  # fmt: skip
+    model.learn(300)
+    for name, params in before.items():  # both second critics were fitted ...
+        assert any(not th.equal(a, b) for a, b in zip(params, getattr(policy, name).parameters(), strict=True))
+        assert math.isfinite(model.logger.name_to_value[f"train/{name}_loss"])
+    assert len(policy.critic_optimizers) == 7
+    features = th.randn(64, policy.features_extractor.features_dim)
+    actions = th.rand(64, model.action_space.shape[0]) * 2 - 1
+    inputs = th.cat([features, actions], dim=-1)
+    with th.no_grad():
+        q_r, q_c = policy.action_values(features, actions)
+        r1, r2 = policy.reward_q_critic(inputs), policy.reward_q_critic_2(inputs)
+        c1, c2 = policy.cost_q_critic(inputs), policy.cost_q_critic_2(inputs)
+    th.testing.assert_close(q_r, th.minimum(r1, r2))
+    th.testing.assert_close(q_c, th.maximum(c1, c2))
+    # ... and the second critics are not copies of the first, so the two lines above read both
+    assert float((r1 - r2).abs().max()) > 1e-3 and float((c1 - c2).abs().max()) > 1e-3
+
+    model.save(tmp_path / "pair.zip")
+    loaded = OffTRC.load(tmp_path / "pair.zip", env=CostPendulum())
+    assert loaded.n_q_critics == 2 and loaded.policy.n_q_critics == 2
+    for name in ("reward_q_critic_2", "cost_q_critic_2"):
+        for a, b in zip(getattr(policy, name).parameters(), getattr(loaded.policy, name).parameters(), strict=True):
+            th.testing.assert_close(a, b)
+    assert _adam_steps(loaded.policy.cost_q_optimizer_2) == _adam_steps(policy.cost_q_optimizer_2) > 0
+    loaded.learn(100, reset_num_timesteps=False)
+    with pytest.raises(ValueError, match="keeps the surrogate, cost_q_target and n_q_critics it was built with"):
+        OffTRC.load(tmp_path / "pair.zip", n_q_critics=1)
 
 
 def test_td_action_value_fit_reaches_the_bellman_fixed_point() -> None:
@@ -1241,9 +1289,9 @@ def test_td_cost_critic_option_fits_through_its_target_network_and_round_trips(
     ):
         th.testing.assert_close(a, b)
     loaded.learn(100, reset_num_timesteps=False)
-    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate, cost_q_target and n_q_critics it was built with"):
         OffTRC.load(tmp_path / "td.zip", cost_q_target="retrace")
-    with pytest.raises(ValueError, match="keeps the surrogate and cost_q_target it was built with"):
+    with pytest.raises(ValueError, match="keeps the surrogate, cost_q_target and n_q_critics it was built with"):
         OffTRC.load(tmp_path / "td.zip", surrogate="importance")
 
 

@@ -128,6 +128,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         policy, so the action tells the critics which policy acted, and through it how lucky that
         policy's episode was; the deviation carries only what the noise did (a deviation from the
         paper; docs/diagnosis.md).
+    :param n_q_critics: Action-value critics per side for ``surrogate="action_value"``, 1 (default) or
+        2: a second ``Q_R`` and ``Q_C``, initialised apart and fitted to the same targets; the step
+        reads the smaller reward and the larger cost value of each pair, as SAC reads the smaller of
+        its two critics, so that a step cannot gain on one critic's error alone (a deviation from the
+        paper; docs/diagnosis.md).
     :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
         ``critic_batch_size`` rows (256 if that is None); ``None`` (default): one per env step collected
         since the last update (``n_steps``), as SAC-Lagrangian takes them
@@ -214,6 +219,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_q_target: str = "retrace",
         cost_q_gradient_steps: int | None = None,
         action_value_input: str = "action",
+        n_q_critics: int = 1,
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -292,6 +298,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cost_q_target = cost_q_target
         self.cost_q_gradient_steps = cost_q_gradient_steps
         self.action_value_input = action_value_input
+        self.n_q_critics = n_q_critics
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -373,8 +380,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             raise ValueError(
                 f"OffTRC.load: surrogate={self.surrogate!r} with cost_q_target={self.cost_q_target!r} (and "
                 f"cost_q_gradient_steps={self.cost_q_gradient_steps!r}) do not go together: a model keeps the "
-                "surrogate and cost_q_target it was built with (their critics are part of the policy). Load it without "
-                "surrogate=... or cost_q_target=..., or train a new model with the settings you want."
+                "surrogate, cost_q_target and n_q_critics it was built with (their critics are part of the "
+                "policy). Load it without surrogate=... or cost_q_target=..., or train a new model with the "
+                "settings you want."
             )
         if self.cost_q_target != "retrace" and self.surrogate != "action_value":
             raise ValueError(
@@ -402,6 +410,19 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             raise ValueError(
                 "OffTRC: action_value_input='deviation' is built for the off-policy targets only, not for "
                 "cost_q_target='td' (whose targets draw the next action afresh): leave one of them out"
+            )
+        self.n_q_critics = getattr(self, "n_q_critics", 1)
+        if isinstance(self.n_q_critics, bool) or self.n_q_critics not in (1, 2):
+            raise ValueError(f"OffTRC: n_q_critics must be 1 or 2, got {self.n_q_critics!r}")
+        if self.n_q_critics == 2 and self.surrogate != "action_value":
+            raise ValueError(
+                "OffTRC: n_q_critics=2 pairs the action-value critics, which only surrogate='action_value' has: "
+                "pass surrogate='action_value' as well, or leave n_q_critics out"
+            )
+        if self.n_q_critics == 2 and self.cost_q_target == "td":
+            raise ValueError(
+                "OffTRC: n_q_critics=2 is built for the off-policy targets only, not for cost_q_target='td': "
+                "leave one of them out"
             )
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
@@ -504,6 +525,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         for key, instead in (
             ("action_value_critics", "surrogate='action_value'"),
             ("cost_q_target_network", "cost_q_target='td'"),
+            ("n_q_critics", "n_q_critics"),
         ):
             if key in policy_kwargs:
                 raise ValueError(
@@ -514,6 +536,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             policy_kwargs["action_value_critics"] = True
         if self.cost_q_target == "td":
             policy_kwargs["cost_q_target_network"] = True
+        if self.n_q_critics == 2:
+            policy_kwargs["n_q_critics"] = 2
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **policy_kwargs
         )
@@ -1121,6 +1145,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             q_jobs = [("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target)]
             if self.cost_q_target == "retrace":  # "td": fitted on its own targets by _fit_cost_q_td
                 q_jobs.append(("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target))
+            if self.n_q_critics == 2:
+                q_jobs += [
+                    ("reward_q_critic_2_loss", policy.reward_q_critic_2, policy.reward_q_optimizer_2, reward_target),
+                    ("cost_q_critic_2_loss", policy.cost_q_critic_2, policy.cost_q_optimizer_2, cost_target),
+                ]
             self._fit_jobs(th.cat([features, actions], dim=-1), q_jobs)
 
     #: Polyak rate of the ``cost_q_target="td"`` target network per Adam step (SAC's default)
@@ -1265,14 +1294,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             )
         except RuntimeError as exc:
             # the policy's state dict lacks (or has extra) action-value critics or their target network
-            given = [key for key in ("surrogate", "cost_q_target") if key in kwargs]
+            given = [key for key in ("surrogate", "cost_q_target", "n_q_critics") if key in kwargs]
             if "q_critic" not in str(exc) or not given:
                 raise
             settings = ", ".join(f"{key}={kwargs[key]!r}" for key in given)
             raise ValueError(
-                f"{path} was saved with other settings than {settings}: a model keeps the surrogate and "
-                "cost_q_target it was built with (their critics are part of the policy). Load it without "
-                f"{', '.join(f'{key}=...' for key in given)}, or train a new model with the settings you want."
+                f"{path} was saved with other settings than {settings}: a model keeps the surrogate, "
+                "cost_q_target and n_q_critics it was built with (their critics are part of the policy). Load it "
+                f"without {', '.join(f'{key}=...' for key in given)}, or train a new model with the settings you want."
             ) from None
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
@@ -1289,6 +1318,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         names = ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"]
         if getattr(self.policy, "action_value_critics", False):
             names += ["policy.reward_q_optimizer", "policy.cost_q_optimizer"]
+        if getattr(self.policy, "n_q_critics", 1) == 2:
+            names += ["policy.reward_q_optimizer_2", "policy.cost_q_optimizer_2"]
         return names, []
 
 

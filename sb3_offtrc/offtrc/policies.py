@@ -181,6 +181,8 @@ class OffTRCPolicy(BasePolicy):
         on the features and the action), used by ``OffTRC(surrogate="action_value")``, which sets it
     :param cost_q_target_network: Also keep a slowly following copy of ``Q_C`` (``cost_q_critic_target``),
         the bootstrap of ``OffTRC(cost_q_target="td")``, which sets it
+    :param n_q_critics: Action-value critics per side, 1 or 2 (``OffTRC(n_q_critics=...)`` sets it). With
+        2, ``action_values`` gives the smaller reward and the larger cost value of the pair
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class OffTRCPolicy(BasePolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         action_value_critics: bool = False,
         cost_q_target_network: bool = False,
+        n_q_critics: int = 1,
     ) -> None:
         super().__init__(
             observation_space,
@@ -244,6 +247,15 @@ class OffTRCPolicy(BasePolicy):
             # Q(s, a): the same MLP on the features and the (unclipped, [-1, 1]-unit) action side by side
             self.reward_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
             self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+        if n_q_critics not in (1, 2) or isinstance(n_q_critics, bool):
+            raise ValueError(f"n_q_critics must be 1 or 2, got {n_q_critics!r}")
+        if n_q_critics == 2 and not self.action_value_critics:
+            raise ValueError("n_q_critics=2 needs action_value_critics=True (it pairs Q_R and Q_C)")
+        self.n_q_critics = int(n_q_critics)
+        if self.n_q_critics == 2:
+            # a second pair, initialised apart and fitted to the same targets (SAC's clipped pair)
+            self.reward_q_critic_2 = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+            self.cost_q_critic_2 = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
         self.cost_q_target_network = bool(cost_q_target_network)
         if self.cost_q_target_network:
             if not self.action_value_critics:
@@ -274,6 +286,13 @@ class OffTRCPolicy(BasePolicy):
             self.cost_q_optimizer = optimizer_class(  # type: ignore[call-arg]
                 self.cost_q_critic.parameters(), lr=lr, **kwargs
             )
+        if self.n_q_critics == 2:
+            self.reward_q_optimizer_2 = optimizer_class(  # type: ignore[call-arg]
+                self.reward_q_critic_2.parameters(), lr=lr, **kwargs
+            )
+            self.cost_q_optimizer_2 = optimizer_class(  # type: ignore[call-arg]
+                self.cost_q_critic_2.parameters(), lr=lr, **kwargs
+            )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -289,6 +308,7 @@ class OffTRCPolicy(BasePolicy):
             lr_schedule=self._dummy_schedule,
             action_value_critics=self.action_value_critics,
             cost_q_target_network=self.cost_q_target_network,
+            n_q_critics=self.n_q_critics,
         )
         return data
 
@@ -301,6 +321,8 @@ class OffTRCPolicy(BasePolicy):
         optimizers = [self.reward_optimizer, self.cost_optimizer, self.cost_std_optimizer]
         if self.action_value_critics:
             optimizers += [self.reward_q_optimizer, self.cost_q_optimizer]
+        if self.n_q_critics == 2:
+            optimizers += [self.reward_q_optimizer_2, self.cost_q_optimizer_2]
         return optimizers
 
     def features(self, obs: th.Tensor) -> th.Tensor:
@@ -316,11 +338,16 @@ class OffTRCPolicy(BasePolicy):
         return self.reward_critic(feats), self.cost_critic(feats), self.cost_std_critic(feats)
 
     def action_values(self, features: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """``Q_R(s, a)`` and ``Q_C(s, a)`` from the features of ``s`` (``action_value_critics=True`` only)."""
+        """``Q_R(s, a)`` and ``Q_C(s, a)`` from the features of ``s`` (``action_value_critics=True`` only); with
+        ``n_q_critics=2`` the smaller reward and the larger cost value of the two critics of each side."""
         if not self.action_value_critics:
             raise ValueError("this policy has no action-value critics: build it with action_value_critics=True")
         inputs = th.cat([features, actions], dim=-1)
-        return self.reward_q_critic(inputs), self.cost_q_critic(inputs)
+        q_r, q_c = self.reward_q_critic(inputs), self.cost_q_critic(inputs)
+        if self.n_q_critics == 2:
+            q_r = th.minimum(q_r, self.reward_q_critic_2(inputs))
+            q_c = th.maximum(q_c, self.cost_q_critic_2(inputs))
+        return q_r, q_c
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
