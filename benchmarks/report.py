@@ -43,6 +43,7 @@ ALGO_ORDER = [
     "rec_actionvalue",
     "rec_actionvalue_smooth_limit2x",
     "rec_actionvalue_smooth_limit1.6x",
+    "rec_actionvalue_smooth_limit2x_twinq",
     "offtrc",
     "offtrc_cpu",
     "sac_lag",
@@ -58,6 +59,8 @@ LABELS = {
     "rec_actionvalue_smooth_limit2x": "OffTRC (action-value, smooth training cost)",
     # round 9 (LEARN9): the same with the smooth cost's limit at 40 per episode
     "rec_actionvalue_smooth_limit1.6x": "OffTRC (action-value, smooth training cost, limit 40)",
+    # round 11 (LEARN10): the smooth-cost arm (limit 50) with a pessimistic pair of critics per side
+    "rec_actionvalue_smooth_limit2x_twinq": "OffTRC (action-value, smooth training cost, critic pairs)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",
