@@ -400,30 +400,27 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.action_value_input not in ACTION_VALUE_INPUTS:
             choices = ", ".join(map(repr, ACTION_VALUE_INPUTS))
             raise ValueError(f"OffTRC: action_value_input must be one of {choices}, got {self.action_value_input!r}")
-        if self.action_value_input != "action" and self.surrogate != "action_value":
-            raise ValueError(
-                f"OffTRC: action_value_input={self.action_value_input!r} sets the inputs of the action-value "
-                "critics, which only surrogate='action_value' has: pass surrogate='action_value' as well, or leave "
-                "action_value_input out"
-            )
-        if self.action_value_input == "deviation" and self.cost_q_target == "td":
-            raise ValueError(
-                "OffTRC: action_value_input='deviation' is built for the off-policy targets only, not for "
-                "cost_q_target='td' (whose targets draw the next action afresh): leave one of them out"
-            )
         self.n_q_critics = getattr(self, "n_q_critics", 1)
         if isinstance(self.n_q_critics, bool) or self.n_q_critics not in (1, 2):
             raise ValueError(f"OffTRC: n_q_critics must be 1 or 2, got {self.n_q_critics!r}")
-        if self.n_q_critics == 2 and self.surrogate != "action_value":
-            raise ValueError(
-                "OffTRC: n_q_critics=2 pairs the action-value critics, which only surrogate='action_value' has: "
-                "pass surrogate='action_value' as well, or leave n_q_critics out"
-            )
-        if self.n_q_critics == 2 and self.cost_q_target == "td":
-            raise ValueError(
-                "OffTRC: n_q_critics=2 is built for the off-policy targets only, not for cost_q_target='td': "
-                "leave one of them out"
-            )
+        # options of the action-value critics, set away from their defaults: they need those critics, and
+        # they are built for the off-policy targets only (cost_q_target='td' draws its next action afresh)
+        for name, value, default in (
+            ("action_value_input", self.action_value_input, "action"),
+            ("n_q_critics", self.n_q_critics, 1),
+        ):
+            if value == default:
+                continue
+            if self.surrogate != "action_value":
+                raise ValueError(
+                    f"OffTRC: {name}={value!r} sets the action-value critics, which only surrogate='action_value' "
+                    f"has: pass surrogate='action_value' as well, or leave {name} out"
+                )
+            if self.cost_q_target == "td":
+                raise ValueError(
+                    f"OffTRC: {name}={value!r} is built for the off-policy targets only, not for "
+                    "cost_q_target='td': leave one of them out"
+                )
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
