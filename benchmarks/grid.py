@@ -654,6 +654,19 @@ LEARN10 = _study_round(
     },
 )
 
+#: Round 12 (docs/diagnosis.md, finding 31): a step's predicted cost change is 0.1-0.4% of the cost
+#: critic's error, times 1/(1 - gamma_c), so the dual, which takes as much of the cost direction as the
+#: linear model says the constraint needs, takes far too little of it in constrained steps and the
+#: cost stays above the limit. A weight of the cost direction driven by the cost *measured* on the
+#: newest windows, as a Lagrange multiplier is (``cost_step="multiplier"``), on finding 27's arm
+LEARN11 = _study_round(
+    "learn11",
+    {"rec_actionvalue_smooth_limit2x_mult": {**_SMOOTH_ACTION_VALUE, "cost_step": "multiplier"}},
+    seeds=[0, 1, 2],
+    budget=1_000_000,
+    cost_limits={"rec_actionvalue_smooth_limit2x_mult": 0.05},
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -670,6 +683,7 @@ PRESETS = {
     "learn8": LEARN8,
     "learn9": LEARN9,
     "learn10": LEARN10,
+    "learn11": LEARN11,
     "main": MAIN,
 }
 

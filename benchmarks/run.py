@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         "pessimistic pair of critics per side, 300k steps",
     )
     group.add_argument(
+        "--learn11",
+        action="store_true",
+        help="the learning study's twelfth round: the smooth-cost action-value arm with the cost direction weighted "
+        "by a multiplier on the measured cost (cost_step='multiplier'), 1M steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(

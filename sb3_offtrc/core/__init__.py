@@ -22,7 +22,9 @@ from sb3_offtrc.core.trust_region import (
     fisher_cosine,
     gaussian_fisher_vector_product,
     kl_hessian_vector_product,
+    multiplier_step,
     solve_constrained_step,
+    update_cost_multiplier,
 )
 
 __all__ = [
@@ -41,7 +43,9 @@ __all__ = [
     "gaussian_fisher_vector_product",
     "kl_hessian_vector_product",
     "linear_recurrence_backward",
+    "multiplier_step",
     "offpolicy_targets",
     "reward_surrogate",
     "solve_constrained_step",
+    "update_cost_multiplier",
 ]

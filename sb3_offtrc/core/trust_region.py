@@ -38,6 +38,7 @@ class StepCase(enum.IntEnum):
     FEASIBLE = 0  # the whole trust region satisfies the constraint: natural-gradient step
     CONSTRAINED = 1  # the constraint plane cuts the trust region: CPO dual
     RECOVERY = 2  # a step along -H^-1 b only, lowering the CVaR (no feasible point, or nothing else to gain)
+    MULTIPLIER = 3  # cost_step="multiplier": the whole radius along the weighted difference of the two directions
 
 
 class StepSolution(NamedTuple):
@@ -234,3 +235,47 @@ def fisher_cosine(
     h_second = conjugate_gradient_solver(hessian_vector_product, second, max_iter=max_iter)
     scale = float(th.dot(first, h_first)) * float(th.dot(second, h_second))
     return float(th.dot(first, h_second)) / math.sqrt(scale) if scale > 0 else math.nan
+
+
+def multiplier_step(q: float, r: float, s: float, weight: float, eps: float) -> tuple[float, float] | None:
+    """``(a, c)`` of the step ``x = a H^-1 g - c H^-1 b`` that maximises ``(g / sqrt(q) - weight b / sqrt(s))' x``
+    subject to ``x'Hx/2 <= eps`` (``cost_step="multiplier"``).
+
+    Both gradients are scaled to unit length in the metric of the step, so ``weight`` is the cost
+    direction's share relative to the reward direction's, whatever the two surrogates' units: 0 is
+    the natural reward step, 1 bisects the two directions, a large weight tends to the full-radius
+    recovery step. The step spends the whole radius: ``x = sqrt(2 eps / m) (H^-1 g / sqrt(q) - weight
+    H^-1 b / sqrt(s))`` with ``m = 1 + weight^2 - 2 weight r / sqrt(q s)`` its squared length. A
+    gradient with ``q`` (or ``s``) at or below 1e-8 carries no direction and drops out. ``None``
+    when nothing is left to step along (both drop out, ``weight = 0`` with a vanishing reward
+    gradient, or a non-finite input).
+    """
+    if not all(math.isfinite(value) for value in (q, r, s, weight, eps)) or eps <= 0.0 or weight < 0.0:
+        return None
+    unit_g = 1.0 / math.sqrt(q) if q > _TINY else 0.0
+    unit_b = weight / math.sqrt(s) if s > _TINY else 0.0
+    # squared length of H^-1 g unit_g - H^-1 b unit_b in the metric H
+    length_sq = unit_g**2 * q + unit_b**2 * s - 2.0 * unit_g * unit_b * r
+    if not length_sq > _TINY:
+        return None
+    scale = math.sqrt(2.0 * eps / length_sq)
+    return scale * unit_g, scale * unit_b
+
+
+def update_cost_multiplier(weight: float, step_cost: float, cost_limit: float, lr: float, max_weight: float) -> float:
+    """One projected step of the cost direction's weight on the measured cost:
+    ``clip(weight + lr clip((step_cost - cost_limit) / cost_limit, -1, 1), 0, max_weight)``.
+
+    ``step_cost`` is the mean cost per step measured on the newest windows and ``cost_limit`` the
+    per-step limit ``d`` (> 0): the weight rises while the measured cost is above the limit and falls
+    while it is below, as a Lagrange multiplier does, by ``lr`` times the relative excess. The excess
+    is clipped to [-1, 1] so that the weight moves at most ``lr`` per update either way: unclipped, a
+    cost three times the limit would raise it twice as fast as a cost of zero could lower it.
+    A non-finite ``step_cost`` leaves the weight as it is.
+    """
+    if cost_limit <= 0.0:
+        raise ValueError(f"the cost multiplier needs a positive cost limit, got {cost_limit}")
+    if not math.isfinite(step_cost):
+        return weight
+    excess = min(1.0, max(-1.0, (step_cost - cost_limit) / cost_limit))
+    return min(max_weight, max(0.0, weight + lr * excess))

@@ -31,6 +31,7 @@ from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_para
 from sb3_offtrc.common.replay_buffer_io import check_loaded_replay_buffer
 from sb3_offtrc.core import (
     StepCase,
+    StepSolution,
     SurrogateConstants,
     action_value_cost_surrogates,
     action_value_gain,
@@ -40,9 +41,11 @@ from sb3_offtrc.core import (
     diag_gaussian_kl,
     fisher_cosine,
     gaussian_fisher_vector_product,
+    multiplier_step,
     offpolicy_targets,
     reward_surrogate,
     solve_constrained_step,
+    update_cost_multiplier,
 )
 from sb3_offtrc.core.surrogates import centred_corrections
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
@@ -63,6 +66,8 @@ COST_ESTIMATES = ("window", "critic")
 SURROGATES = ("importance", "action_value")
 COST_Q_TARGETS = ("retrace", "td")
 ACTION_VALUE_INPUTS = ("action", "deviation")
+#: how the step weighs the cost direction (``OffTRC(cost_step=...)``)
+COST_STEPS = ("dual", "multiplier")
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -136,6 +141,18 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
         ``critic_batch_size`` rows (256 if that is None); ``None`` (default): one per env step collected
         since the last update (``n_steps``), as SAC-Lagrangian takes them
+    :param cost_step: How the step weighs the cost direction against the reward direction. ``"dual"``
+        (default, the paper): the closed-form dual of the linear constraint model ``c + b'x <= 0``
+        decides (feasible, constrained or recovery step), so the cost term's weight follows the
+        step's *predicted* cost change. ``"multiplier"``: the step spends the whole radius along
+        ``H^-1 g / sqrt(g'H^-1 g) - w H^-1 b / sqrt(b'H^-1 b)``, with a weight ``w >= 0`` that rises
+        while the cost *measured* on the newest windows (mean cost per step) is above ``cost_limit``
+        and falls while below, as a Lagrange multiplier does (``train/cost_multiplier``). The
+        measured mean cost is what it holds at the limit, whatever ``cvar_alpha``.
+    :param cost_multiplier_lr: Change of the weight ``w`` of ``cost_step="multiplier"`` per update for
+        every 100% by which the measured cost exceeds (or falls short of) ``cost_limit``; the relative
+        excess is clipped to [-1, 1], so ``w`` moves at most this much per update
+    :param cost_multiplier_max: Largest weight ``w`` of ``cost_step="multiplier"``
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
     :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
         batch and the current policy (§3.6). ``False`` uses ``max_kl`` as is.
@@ -220,6 +237,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_q_gradient_steps: int | None = None,
         action_value_input: str = "action",
         n_q_critics: int = 1,
+        cost_step: str = "dual",
+        cost_multiplier_lr: float = 0.1,
+        cost_multiplier_max: float = 10.0,
         max_kl: float = 0.001,
         adaptive_trust_region: bool = True,
         damping: float = 0.01,
@@ -299,6 +319,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cost_q_gradient_steps = cost_q_gradient_steps
         self.action_value_input = action_value_input
         self.n_q_critics = n_q_critics
+        self.cost_step = cost_step
+        self.cost_multiplier_lr = cost_multiplier_lr
+        self.cost_multiplier_max = cost_multiplier_max
+        #: the weight of the cost direction of ``cost_step="multiplier"`` (saved with the model)
+        self.cost_multiplier = 0.0
         self.max_kl = max_kl
         self.adaptive_trust_region = adaptive_trust_region
         self.damping = damping
@@ -421,6 +446,31 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     f"OffTRC: {name}={value!r} is built for the off-policy targets only, not for "
                     "cost_q_target='td': leave one of them out"
                 )
+        self.cost_step = getattr(self, "cost_step", "dual")
+        if self.cost_step not in COST_STEPS:
+            choices = ", ".join(map(repr, COST_STEPS))
+            raise ValueError(f"OffTRC: cost_step must be one of {choices}, got {self.cost_step!r}")
+        self.cost_multiplier_lr = getattr(self, "cost_multiplier_lr", 0.1)
+        self.cost_multiplier_max = getattr(self, "cost_multiplier_max", 10.0)
+        self.cost_multiplier = getattr(self, "cost_multiplier", 0.0)
+        check_float(owner, "cost_multiplier_lr", self.cost_multiplier_lr, 0.0, low_open=True)
+        check_float(owner, "cost_multiplier_max", self.cost_multiplier_max, 0.0, low_open=True)
+        if self.cost_step == "dual":
+            multiplier_options: tuple[tuple[str, float, float], ...] = (
+                ("cost_multiplier_lr", self.cost_multiplier_lr, 0.1),
+                ("cost_multiplier_max", self.cost_multiplier_max, 10.0),
+            )
+            for option, number, default_number in multiplier_options:
+                if number != default_number:
+                    raise ValueError(
+                        f"OffTRC: {option}={number!r} sets the weight of cost_step='multiplier'; with cost_step='dual' "
+                        f"it would do nothing: pass cost_step='multiplier' as well, or leave {option} out"
+                    )
+        elif self.cost_limit <= 0.0:
+            raise ValueError(
+                "OffTRC: cost_step='multiplier' moves its weight by the measured cost's excess relative to "
+                f"cost_limit, which must then be > 0 (got {self.cost_limit}); use cost_step='dual' for a zero limit"
+            )
         check_float(owner, "max_kl", self.max_kl, 0.0, low_open=True)
         check_float(owner, "damping", self.damping, 0.0, low_open=True)
         check_float(owner, "line_search_decay", self.line_search_decay, 0.0, 1.0, low_open=True, high_open=True)
@@ -755,7 +805,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 self.cost_gae_lambda, gamma_c,
             )  # fmt: skip
             recent = batch.recent.bool()
-            cost_mean = float(batch.costs[recent].mean()) / (1.0 - gamma_c)  # J_hat (§3.4)
+            window_step_cost = float(batch.costs[recent].mean())  # measured: cost_step="multiplier" reads it
+            cost_mean = window_step_cost / (1.0 - gamma_c)  # J_hat (§3.4)
             cost_var = float(th.clamp(targets.var_target[recent], min=0.0).mean())  # V_hat
             # the same two constants read off the cost critics at the recent windows' states
             critic_mean = float(v_c[:n][recent].mean())
@@ -794,6 +845,12 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 ("reward_q_critic", "cost_q_critic"),
             )
         self._log_monte_carlo_cost(batch)
+        if self.cost_step == "multiplier":
+            self.cost_multiplier = update_cost_multiplier(
+                self.cost_multiplier, window_step_cost, self.cost_limit, self.cost_multiplier_lr,
+                self.cost_multiplier_max,
+            )  # fmt: skip
+            self.logger.record("train/cost_multiplier", self.cost_multiplier)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
         q_actions = self._q_actions(actions, batch.behaviour_mean)
         self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=q_actions)
@@ -938,7 +995,21 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             b, hinv_b = shrink * b, shrink * hinv_b
             self.logger.record("diag/cost_gradient_shrink", shrink)
         q, r, s = float(th.dot(g, hinv_g)), float(th.dot(g, hinv_b)), float(th.dot(b, hinv_b))
-        solution = solve_constrained_step(q, r, s, margin, eps, float(th.dot(b, b)))
+        # cost_step="multiplier": the step a H^-1 g - c H^-1 b; (a, c) also weigh the objective's and the
+        # CVaR's changes in the line search (a d_objective - c d_cvar is the Lagrangian's change, scaled)
+        coefficients: tuple[float, float] | None = None
+        if self.cost_step == "multiplier":
+            coefficients = multiplier_step(q, r, s, self.cost_multiplier, eps)
+            if coefficients is None:
+                reason = (
+                    f"nothing to step along (g'H^-1 g = {q:.3g}, b'H^-1 b = {s:.3g}, "
+                    f"cost weight {self.cost_multiplier:.3g})"
+                )
+                solution = StepSolution(StepCase.SKIPPED, math.nan, math.nan, 0.0, reason)
+            else:
+                solution = StepSolution(StepCase.MULTIPLIER, math.nan, math.nan, 0.0, "")
+        else:
+            solution = solve_constrained_step(q, r, s, margin, eps, float(th.dot(b, b)))
 
         self.logger.record("train/cvar", cvar_k)
         self.logger.record("train/cost_mean", cost_mean)
@@ -963,13 +1034,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             warnings.warn(f"OffTRC update {self._n_updates}: policy step skipped: {solution.reason}", stacklevel=2)
             self.logger.record("train/skip_reason", solution.reason, exclude="tensorboard")
         else:
-            if solution.case == StepCase.RECOVERY:
+            if coefficients is not None:
+                step = coefficients[0] * hinv_g - coefficients[1] * hinv_b
+            elif solution.case == StepCase.RECOVERY:
                 step = -solution.recovery_scale * hinv_b
             else:
                 step = (hinv_g - solution.nu * hinv_b) / solution.lam
             ls_steps, ls_failed, kl_new, objective_new, std_after, cvar_after = self._line_search(
                 params, step, surrogates, mean_k, std_k, objective.item(), cvar_k, margin, eps,
-                check_objective=objective_must_not_drop(solution.case, margin),
+                check_objective=objective_must_not_drop(solution.case, margin), lagrangian=coefficients,
             )  # fmt: skip
 
         entropy = float(gaussian_entropy(std_after).mean())
@@ -1087,8 +1160,13 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         margin: float,
         eps: float,
         check_objective: bool,
+        lagrangian: tuple[float, float] | None = None,
     ) -> tuple[int, bool, float, float, th.Tensor, float]:
         """Bounded backtracking (§3.8).
+
+        With ``lagrangian = (a, c)`` (``cost_step="multiplier"``) a try is accepted when its KL is
+        inside the radius and ``a (objective - objective_k) - c (cvar - cvar_k) >= 0``, in place of the
+        objective and CVaR checks of the dual's steps.
 
         Returns (tries, failed, kl, objective, std of the new policy, its CVaR surrogate); restores
         theta_k on failure.
@@ -1102,14 +1180,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 kl = float(diag_gaussian_kl(mean_k, std_k, mean, std).mean())
                 # a non-finite surrogate (an importance ratio overflowing on a far-off replayed
                 # action) would pass both checks below (+inf objective, -inf CVaR): refuse it
-                ok = (
-                    math.isfinite(kl)
-                    and math.isfinite(float(objective))
-                    and math.isfinite(float(cvar))
-                    and kl <= eps
-                    and (not check_objective or float(objective) >= objective_k)
-                    and float(cvar) - cvar_k <= max(-margin, 0.0)
-                )
+                finite = math.isfinite(kl) and math.isfinite(float(objective)) and math.isfinite(float(cvar))
+                if lagrangian is not None:
+                    gain = lagrangian[0] * (float(objective) - objective_k) - lagrangian[1] * (float(cvar) - cvar_k)
+                    ok = finite and kl <= eps and gain >= 0.0
+                else:
+                    ok = (
+                        finite
+                        and kl <= eps
+                        and (not check_objective or float(objective) >= objective_k)
+                        and float(cvar) - cvar_k <= max(-margin, 0.0)
+                    )
                 if ok:
                     return attempt + 1, False, kl, float(objective), std, float(cvar)
             vector_to_parameters(theta_k, params)
