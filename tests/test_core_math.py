@@ -23,9 +23,11 @@ from sb3_offtrc.core import (
     diag_gaussian_kl,
     gaussian_cvar,
     linear_recurrence_backward,
+    multiplier_step,
     offpolicy_targets,
     reward_surrogate,
     solve_constrained_step,
+    update_cost_multiplier,
 )
 
 
@@ -618,3 +620,65 @@ def test_every_step_is_feasible_or_a_stated_skip(q: float, s: float, cosine: flo
         assert sol.case in (StepCase.RECOVERY, StepCase.FEASIBLE)
     elif q > 1e-8:
         assert float(objective) >= best - 1e-3 * math.sqrt(2 * eps * q), (sol, float(objective), best)
+
+
+# ------------------------------------------------------------------ cost_step="multiplier"
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0, 4.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multiplier_step_is_the_best_point_of_the_region_for_the_weighted_objective(weight: float, seed: int) -> None:
+    """Against a general-purpose constrained optimiser (scipy's SLSQP) on an explicit H."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(seed)
+    n, eps = 5, 0.02
+    root = rng.normal(size=(n, n))
+    hessian = root @ root.T + 0.5 * np.eye(n)
+    g, b = rng.normal(size=n), rng.normal(size=n)
+    hinv_g, hinv_b = np.linalg.solve(hessian, g), np.linalg.solve(hessian, b)
+    q, r, s = g @ hinv_g, g @ hinv_b, b @ hinv_b
+    coefficients = multiplier_step(q, r, s, weight, eps)
+    assert coefficients is not None
+    step = coefficients[0] * hinv_g - coefficients[1] * hinv_b
+    direction = g / math.sqrt(q) - weight * b / math.sqrt(s)
+    reference = minimize(
+        lambda x: -direction @ x,
+        np.zeros(n),
+        jac=lambda x: -direction,
+        constraints=[{"type": "ineq", "fun": lambda x: eps - 0.5 * x @ hessian @ x, "jac": lambda x: -hessian @ x}],
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    assert reference.success
+    assert 0.5 * step @ hessian @ step == pytest.approx(eps, rel=1e-9)  # the whole radius
+    np.testing.assert_allclose(step, reference.x, rtol=1e-4, atol=1e-6)
+
+
+def test_multiplier_step_ends_and_corner_cases() -> None:
+    q, r, s, eps = 2.0, 0.5, 3.0, 0.01
+    # weight 0: the natural reward step sqrt(2 eps / q) H^-1 g
+    assert multiplier_step(q, r, s, 0.0, eps) == pytest.approx((math.sqrt(2 * eps / q), 0.0))
+    # a very large weight: the full-radius recovery step sqrt(2 eps / s) H^-1 b
+    a, c = multiplier_step(q, r, s, 1e9, eps)  # type: ignore[misc]
+    assert a == pytest.approx(0.0, abs=1e-9) and c == pytest.approx(math.sqrt(2 * eps / s), rel=1e-6)
+    # a vanishing cost gradient drops out: the natural step whatever the weight
+    assert multiplier_step(q, 0.0, 1e-12, 3.0, eps) == pytest.approx((math.sqrt(2 * eps / q), 0.0))
+    # a vanishing reward gradient: the recovery step if weighted, nothing otherwise
+    assert multiplier_step(1e-12, 0.0, s, 2.0, eps) == pytest.approx((0.0, math.sqrt(2 * eps / s)))
+    assert multiplier_step(1e-12, 0.0, s, 0.0, eps) is None
+    # colinear and opposite unit directions at weight 1 cancel: nothing to step along
+    assert multiplier_step(1.0, 1.0, 1.0, 1.0, eps) is None
+    for bad in ((math.nan, r, s, 1.0, eps), (q, r, math.inf, 1.0, eps), (q, r, s, -1.0, eps), (q, r, s, 1.0, 0.0)):
+        assert multiplier_step(*bad) is None
+
+
+def test_cost_multiplier_follows_the_measured_excess_clipped_to_one() -> None:
+    limit, lr = 0.05, 0.1
+    assert update_cost_multiplier(0.0, 0.075, limit, lr, 10.0) == pytest.approx(0.05)  # 50% over: +lr/2
+    assert update_cost_multiplier(0.0, 0.5, limit, lr, 10.0) == pytest.approx(0.1)  # 900% over: +lr, no more
+    assert update_cost_multiplier(1.0, 0.0, limit, lr, 10.0) == pytest.approx(0.9)  # no cost: -lr
+    assert update_cost_multiplier(1.0, 0.025, limit, lr, 10.0) == pytest.approx(0.95)
+    assert update_cost_multiplier(0.02, 0.0, limit, lr, 10.0) == 0.0  # projected at 0
+    assert update_cost_multiplier(9.95, 1.0, limit, lr, 10.0) == 10.0  # and at the largest weight
+    assert update_cost_multiplier(0.7, math.nan, limit, lr, 10.0) == 0.7
+    with pytest.raises(ValueError, match="positive cost limit"):
+        update_cost_multiplier(0.0, 0.1, 0.0, lr, 10.0)

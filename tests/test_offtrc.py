@@ -1399,3 +1399,88 @@ def test_fisher_split_cosine_matches_an_exact_solve() -> None:
     # the plain cosine of the same vectors differs: the metric matters
     plain = float(first @ second / (first.norm() * second.norm()))
     assert abs(plain - wanted) > 1e-3
+
+
+def test_cost_step_multiplier_weighs_the_cost_direction_by_the_measured_cost(tmp_path: Any) -> None:
+    """``cost_step="multiplier"``: the weight rises by ``cost_multiplier_lr`` per update while every step
+    costs more than the limit, each step is the weighted one (whole radius), and save/load keeps the
+    weight; with no cost at all the weight stays 0 and the step is the paper's natural step."""
+    with pytest.raises(ValueError, match="cost_step must be one of 'dual', 'multiplier'"):
+        _model(cost_step="lagrangian")
+    with pytest.raises(ValueError, match="pass cost_step='multiplier' as well, or leave cost_multiplier_lr out"):
+        _model(cost_multiplier_lr=0.3)
+    with pytest.raises(ValueError, match="pass cost_step='multiplier' as well, or leave cost_multiplier_max out"):
+        _model(cost_multiplier_max=3.0)
+    with pytest.raises(ValueError, match="cost_limit, which must then be > 0"):
+        _model(cost_step="multiplier", cost_limit=0.0)
+    with pytest.raises(ValueError, match="cost_multiplier_lr must be a finite number in"):
+        _model(cost_step="multiplier", cost_multiplier_lr=0.0)
+
+    # a cost of 1 per step against a limit of 0.025: the excess is clipped to 1, +0.25 per update
+    costly = _model(CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=0.25, cvar_alpha=1.0)
+    costly.learn(400)
+    assert costly._n_updates >= 3
+    assert costly.cost_multiplier == pytest.approx(0.25 * costly._n_updates)
+    values = costly.logger.name_to_value
+    assert values["train/cost_multiplier"] == pytest.approx(costly.cost_multiplier)
+    assert values["train/step_case"] == "multiplier"
+    costly.save(tmp_path / "m.zip")
+    loaded = OffTRC.load(tmp_path / "m.zip", env=CostPendulum(cost_value=1.0))
+    assert (loaded.cost_step, loaded.cost_multiplier_lr) == ("multiplier", 0.25)
+    assert loaded.cost_multiplier == pytest.approx(costly.cost_multiplier)
+    loaded.learn(100, reset_num_timesteps=False)
+    assert loaded.cost_multiplier == pytest.approx(costly.cost_multiplier + 0.25)
+    # ... and it stops at cost_multiplier_max
+    capped = _model(CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=1.0, cost_multiplier_max=2.0)
+    capped.learn(400)
+    assert capped.cost_multiplier == 2.0
+    # a weight far above 1 is a cost step: it lowers the CVaR surrogate (the pendulum's angle cost
+    # depends on the action; a limit of 0.001 per step is far below it)
+    strict = dict(cost_multiplier_lr=100.0, cost_multiplier_max=100.0, cost_limit=0.001, cvar_alpha=1.0)
+    recovering = _model(CostPendulum(), cost_step="multiplier", **strict)
+    recovering.learn(500)
+    values = recovering.logger.name_to_value
+    assert recovering.cost_multiplier == 100.0 and values["train/line_search_failed"] == 0
+    assert values["diag/cvar_after"] < values["train/cvar"] - 1.0
+
+    # no cost: weight 0, and the step (after the same data and critics) is the dual's feasible natural step
+    free = {"cvar_alpha": 1.0, "learning_starts": 0}
+    dual = _model(CostPendulum(cost_value=0.0), **free)
+    dual.learn(100)  # before the next model is built: each reseeds the global generators
+    weighted = _model(CostPendulum(cost_value=0.0), cost_step="multiplier", **free)
+    weighted.learn(100)
+    assert dual.logger.name_to_value["train/step_case"] == "feasible"
+    assert weighted.cost_multiplier == 0.0
+    for a, b in zip(dual.policy.actor.parameters(), weighted.policy.actor.parameters(), strict=True):
+        th.testing.assert_close(a, b)
+
+
+def test_multiplier_line_search_accepts_by_the_weighted_change() -> None:
+    """With ``lagrangian=(a, c)`` a try passes when ``a d_objective - c d_cvar >= 0``, not by the dual's checks."""
+    model = _model()
+    theta = th.nn.Parameter(th.zeros(2))
+    mean_k, std_k = th.zeros(4, 1), th.ones(4, 1)
+
+    def surrogates() -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        beta = theta[0]  # the step is (1, 0): theta[0] is the tried step's length
+        return beta, 10.0 * beta**2, mean_k, std_k, th.ones(4)
+
+    step = th.tensor([1.0, 0.0])
+    # the dual's check (a feasible policy far from its limit): the objective rises at once, the first try passes
+    tries, failed, *_ = model._line_search([theta], step, surrogates, mean_k, std_k, 0.0, 0.0, -100.0, 0.1, True)
+    assert (tries, failed) == (1, False)
+    with th.no_grad():
+        theta.zero_()  # an accepted try stays in place
+    # weighted 1:1, beta - 10 beta^2 >= 0 first at beta = 0.8^11 (< 0.1): the twelfth try
+    tries, failed, _, objective, _, cvar = model._line_search(
+        [theta], step, surrogates, mean_k, std_k, 0.0, 0.0, -100.0, 0.1, True, lagrangian=(1.0, 1.0)
+    )
+    assert (tries, failed) == (12, False)
+    assert objective == pytest.approx(0.8**11) and cvar == pytest.approx(10 * 0.8**22)
+    with th.no_grad():
+        theta.zero_()
+    # a pure cost step (a = 0) must lower the CVaR: here it only rises, so every try fails
+    tries, failed, *_ = model._line_search(
+        [theta], step, surrogates, mean_k, std_k, 0.0, 0.0, -100.0, 0.1, True, lagrangian=(0.0, 1.0)
+    )
+    assert failed and float(theta[0]) == 0.0
