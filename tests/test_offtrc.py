@@ -1431,7 +1431,9 @@ def test_cost_step_multiplier_weighs_the_cost_direction_by_the_measured_cost(tmp
     loaded.learn(100, reset_num_timesteps=False)
     assert loaded.cost_multiplier == pytest.approx(costly.cost_multiplier + 0.25)
     # ... and it stops at cost_multiplier_max
-    capped = _model(CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=1.0, cost_multiplier_max=2.0)
+    capped = _model(
+        CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=1.0, cost_multiplier_max=2.0
+    )
     capped.learn(400)
     assert capped.cost_multiplier == 2.0
     # a weight far above 1 is a cost step: it lowers the CVaR surrogate (the pendulum's angle cost
