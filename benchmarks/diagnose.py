@@ -4,7 +4,8 @@ For every ``<env>/<algo>/seed<k>/progress.csv`` under a results directory, one r
 (medians over its updates, averaged over seeds) of the numbers that say why a run does or does not
 improve (docs/diagnosis.md explains each):
 
-- the share of updates in each step case (feasible / constrained / recovery / skipped);
+- the share of updates in each step case (feasible / constrained / recovery / skipped, or multiplier
+  with ``cost_step="multiplier"``, whose median weight of the cost direction is ``cost_weight``);
 - the trust region used against ``max_kl`` and the KL the line search reached;
 - the reward-surrogate gain of the accepted step and the policy mean's displacement;
 - the CVaR estimate, the share of it that is the variance term ``k sqrt(V_hat)``, ``J_hat`` against
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-CASES = ("feasible", "constrained", "recovery", "skipped")
+CASES = ("feasible", "constrained", "recovery", "multiplier", "skipped")
 
 
 def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
@@ -52,6 +53,7 @@ def summarise_run(progress: Path, max_kl: float) -> dict[str, float]:
     def median(column: str) -> float:
         return float(updates[column].median()) if column in updates else math.nan
 
+    row["cost_weight"] = median("train/cost_multiplier")
     row["radius/max_kl"] = median("train/trust_region") / max_kl
     row["kl"] = median("train/kl")
     # the logger is dumped at episode ends, so with several env copies not every update has a row:
