@@ -44,6 +44,7 @@ ALGO_ORDER = [
     "rec_actionvalue_smooth_limit2x",
     "rec_actionvalue_smooth_limit1.6x",
     "rec_actionvalue_smooth_limit2x_twinq",
+    "rec_actionvalue_smooth_limit2x_mult",
     "offtrc",
     "offtrc_cpu",
     "sac_lag",
@@ -61,6 +62,8 @@ LABELS = {
     "rec_actionvalue_smooth_limit1.6x": "OffTRC (action-value, smooth training cost, limit 40)",
     # round 11 (LEARN10): the smooth-cost arm (limit 50) with a pessimistic pair of critics per side
     "rec_actionvalue_smooth_limit2x_twinq": "OffTRC (action-value, smooth training cost, critic pairs)",
+    # round 12 (LEARN11): the smooth-cost arm (limit 50) with cost_step="multiplier"
+    "rec_actionvalue_smooth_limit2x_mult": "OffTRC (action-value, smooth training cost, cost multiplier)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",
