@@ -671,10 +671,10 @@ def test_multiplier_step_ends_and_corner_cases() -> None:
         assert multiplier_step(*bad) is None
 
 
-def test_cost_multiplier_follows_the_measured_excess_clipped_to_one() -> None:
+def test_cost_multiplier_follows_the_measured_relative_excess() -> None:
     limit, lr = 0.05, 0.1
     assert update_cost_multiplier(0.0, 0.075, limit, lr, 10.0) == pytest.approx(0.05)  # 50% over: +lr/2
-    assert update_cost_multiplier(0.0, 0.5, limit, lr, 10.0) == pytest.approx(0.1)  # 900% over: +lr, no more
+    assert update_cost_multiplier(0.0, 0.5, limit, lr, 10.0) == pytest.approx(0.9)  # 900% over: +9 lr
     assert update_cost_multiplier(1.0, 0.0, limit, lr, 10.0) == pytest.approx(0.9)  # no cost: -lr
     assert update_cost_multiplier(1.0, 0.025, limit, lr, 10.0) == pytest.approx(0.95)
     assert update_cost_multiplier(0.02, 0.0, limit, lr, 10.0) == 0.0  # projected at 0
@@ -682,3 +682,13 @@ def test_cost_multiplier_follows_the_measured_excess_clipped_to_one() -> None:
     assert update_cost_multiplier(0.7, math.nan, limit, lr, 10.0) == 0.7
     with pytest.raises(ValueError, match="positive cost limit"):
         update_cost_multiplier(0.0, 0.1, 0.0, lr, 10.0)
+    # it settles where the mean cost is at the limit, also for skewed costs (the median far below)
+    rng = np.random.default_rng(0)
+    weight, history = 0.0, []
+    for _ in range(20_000):
+        # the cost falls with the weight; most windows cost nothing, a few a lot
+        cost = rng.exponential(0.2) if rng.random() < 0.6 / (1.0 + weight) else 0.0
+        weight = update_cost_multiplier(weight, cost, limit, 0.01, 100.0)
+        history.append(cost)
+    assert np.mean(history[-10_000:]) == pytest.approx(limit, rel=0.1)
+    assert np.median(history[-10_000:]) == 0.0

@@ -1416,8 +1416,10 @@ def test_cost_step_multiplier_weighs_the_cost_direction_by_the_measured_cost(tmp
     with pytest.raises(ValueError, match="cost_multiplier_lr must be a finite number in"):
         _model(cost_step="multiplier", cost_multiplier_lr=0.0)
 
-    # a cost of 1 per step against a limit of 0.025: the excess is clipped to 1, +0.25 per update
-    costly = _model(CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=0.25, cvar_alpha=1.0)
+    # a cost of 1 per step against a limit of 0.5: 100% over, +0.25 per update
+    costly = _model(
+        CostPendulum(cost_value=1.0), cost_step="multiplier", cost_multiplier_lr=0.25, cost_limit=0.5, cvar_alpha=1.0
+    )
     costly.learn(400)
     assert costly._n_updates >= 3
     assert costly.cost_multiplier == pytest.approx(0.25 * costly._n_updates)

@@ -264,18 +264,18 @@ def multiplier_step(q: float, r: float, s: float, weight: float, eps: float) -> 
 
 def update_cost_multiplier(weight: float, step_cost: float, cost_limit: float, lr: float, max_weight: float) -> float:
     """One projected step of the cost direction's weight on the measured cost:
-    ``clip(weight + lr clip((step_cost - cost_limit) / cost_limit, -1, 1), 0, max_weight)``.
+    ``clip(weight + lr (step_cost - cost_limit) / cost_limit, 0, max_weight)``.
 
     ``step_cost`` is the mean cost per step measured on the newest windows and ``cost_limit`` the
     per-step limit ``d`` (> 0): the weight rises while the measured cost is above the limit and falls
-    while it is below, as a Lagrange multiplier does, by ``lr`` times the relative excess. The excess
-    is clipped to [-1, 1] so that the weight moves at most ``lr`` per update either way: unclipped, a
-    cost three times the limit would raise it twice as fast as a cost of zero could lower it.
-    A non-finite ``step_cost`` leaves the weight as it is.
+    while it is below, as a Lagrange multiplier does, by ``lr`` times the relative excess. The
+    excess is not clipped: the weight settles where the *mean* measured cost is at the limit. (A
+    first version clipped it to [-1, 1]; with episode costs skewed, as on the Goal tasks, that
+    settles where the median window is at the limit and the mean above it: docs/diagnosis.md,
+    finding 34.) A non-finite ``step_cost`` leaves the weight as it is.
     """
     if cost_limit <= 0.0:
         raise ValueError(f"the cost multiplier needs a positive cost limit, got {cost_limit}")
     if not math.isfinite(step_cost):
         return weight
-    excess = min(1.0, max(-1.0, (step_cost - cost_limit) / cost_limit))
-    return min(max_weight, max(0.0, weight + lr * excess))
+    return min(max_weight, max(0.0, weight + lr * (step_cost - cost_limit) / cost_limit))

@@ -150,8 +150,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         and falls while below, as a Lagrange multiplier does (``train/cost_multiplier``). The
         measured mean cost is what it holds at the limit, whatever ``cvar_alpha``.
     :param cost_multiplier_lr: Change of the weight ``w`` of ``cost_step="multiplier"`` per update for
-        every 100% by which the measured cost exceeds (or falls short of) ``cost_limit``; the relative
-        excess is clipped to [-1, 1], so ``w`` moves at most this much per update
+        every 100% by which the measured cost exceeds (or falls short of) ``cost_limit``
     :param cost_multiplier_max: Largest weight ``w`` of ``cost_step="multiplier"``
     :param max_kl: Trust-region radius ``epsilon`` (mean KL between successive policies)
     :param adaptive_trust_region: Shrink the radius by the KL between the behaviour policies in the
