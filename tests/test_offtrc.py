@@ -1405,6 +1405,12 @@ def test_cost_step_multiplier_weighs_the_cost_direction_by_the_measured_cost(tmp
     """``cost_step="multiplier"``: the weight rises by ``cost_multiplier_lr`` per update while every step
     costs more than the limit, each step is the weighted one (whole radius), and save/load keeps the
     weight; with no cost at all the weight stays 0 and the step is the paper's natural step."""
+    import inspect
+
+    signature = inspect.signature(OffTRC.__init__).parameters
+    assert {name: signature[name].default for name in offtrc_module.COST_MULTIPLIER_DEFAULTS} == (
+        offtrc_module.COST_MULTIPLIER_DEFAULTS
+    )  # the check below refuses a value other than these with cost_step='dual'
     with pytest.raises(ValueError, match="cost_step must be one of 'dual', 'multiplier'"):
         _model(cost_step="lagrangian")
     with pytest.raises(ValueError, match="pass cost_step='multiplier' as well, or leave cost_multiplier_lr out"):

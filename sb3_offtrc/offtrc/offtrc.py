@@ -68,6 +68,8 @@ COST_Q_TARGETS = ("retrace", "td")
 ACTION_VALUE_INPUTS = ("action", "deviation")
 #: how the step weighs the cost direction (``OffTRC(cost_step=...)``)
 COST_STEPS = ("dual", "multiplier")
+#: the defaults of the options that only ``cost_step="multiplier"`` reads (as in ``OffTRC.__init__``)
+COST_MULTIPLIER_DEFAULTS: dict[str, float] = {"cost_multiplier_lr": 0.1, "cost_multiplier_max": 10.0}
 
 
 class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
@@ -449,23 +451,17 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         if self.cost_step not in COST_STEPS:
             choices = ", ".join(map(repr, COST_STEPS))
             raise ValueError(f"OffTRC: cost_step must be one of {choices}, got {self.cost_step!r}")
-        self.cost_multiplier_lr = getattr(self, "cost_multiplier_lr", 0.1)
-        self.cost_multiplier_max = getattr(self, "cost_multiplier_max", 10.0)
         self.cost_multiplier = getattr(self, "cost_multiplier", 0.0)
-        check_float(owner, "cost_multiplier_lr", self.cost_multiplier_lr, 0.0, low_open=True)
-        check_float(owner, "cost_multiplier_max", self.cost_multiplier_max, 0.0, low_open=True)
-        if self.cost_step == "dual":
-            multiplier_options: tuple[tuple[str, float, float], ...] = (
-                ("cost_multiplier_lr", self.cost_multiplier_lr, 0.1),
-                ("cost_multiplier_max", self.cost_multiplier_max, 10.0),
-            )
-            for option, number, default_number in multiplier_options:
-                if number != default_number:
-                    raise ValueError(
-                        f"OffTRC: {option}={number!r} sets the weight of cost_step='multiplier'; with cost_step='dual' "
-                        f"it would do nothing: pass cost_step='multiplier' as well, or leave {option} out"
-                    )
-        elif self.cost_limit <= 0.0:
+        for option, default_number in COST_MULTIPLIER_DEFAULTS.items():
+            number = getattr(self, option, default_number)  # absent from models saved before the option
+            setattr(self, option, number)
+            check_float(owner, option, number, 0.0, low_open=True)
+            if self.cost_step == "dual" and number != default_number:
+                raise ValueError(
+                    f"OffTRC: {option}={number!r} sets the weight of cost_step='multiplier'; with cost_step='dual' "
+                    f"it would do nothing: pass cost_step='multiplier' as well, or leave {option} out"
+                )
+        if self.cost_step == "multiplier" and self.cost_limit <= 0.0:
             raise ValueError(
                 "OffTRC: cost_step='multiplier' moves its weight by the measured cost's excess relative to "
                 f"cost_limit, which must then be > 0 (got {self.cost_limit}); use cost_step='dual' for a zero limit"
