@@ -151,6 +151,7 @@ class ProbedOffTRC(OffTRC):
         cost_target: th.Tensor,
         std_target: th.Tensor,
         actions: th.Tensor | None = None,
+        next_obs: th.Tensor | None = None,
     ) -> None:
         assert self._held_out is not None
         held_out = self._held_out
@@ -165,7 +166,7 @@ class ProbedOffTRC(OffTRC):
         targets = {"cost": cost_target, "cost_std": std_target}
         for shadow in self.shadows:
             shadow.step(features, targets, held_out)
-        super()._fit_critics(obs, reward_target, cost_target, std_target, actions=actions)
+        super()._fit_critics(obs, reward_target, cost_target, std_target, actions=actions, next_obs=next_obs)
         with th.no_grad():
             own["cost_train"] = half_mse(self.policy.cost_critic(features), cost_target)
             own["cost_std_train"] = half_mse(self.policy.cost_std_critic(features), std_target)

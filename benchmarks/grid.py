@@ -667,6 +667,20 @@ LEARN11 = _study_round(
     cost_limits={"rec_actionvalue_smooth_limit2x_mult": 0.05},
 )
 
+#: Round 13 (docs/diagnosis.md, findings 31-35): the cost direction itself is what fails. A direct cost
+#: critic's slope in the action is identified only by the exploration noise against cost returns whose
+#: error is hundreds of times the change a step predicts. ``cost_q_form="dynamics"`` reads it as
+#: ``U(f(s, a))``: a one-step model of the observation (nearly deterministic physics, so the noise pins its
+#: action slope down) and a critic of the state after the step (its slope across states, which vary far
+#: more than the actions at one state do), on finding 27's arm
+LEARN12 = _study_round(
+    "learn12",
+    {"rec_actionvalue_smooth_limit2x_dynq": {**_SMOOTH_ACTION_VALUE, "cost_q_form": "dynamics"}},
+    seeds=[0, 1, 2],
+    budget=300_000,
+    cost_limits={"rec_actionvalue_smooth_limit2x_dynq": 0.05},
+)
+
 PRESETS = {
     "quick": QUICK,
     "full": FULL,
@@ -684,6 +698,7 @@ PRESETS = {
     "learn9": LEARN9,
     "learn10": LEARN10,
     "learn11": LEARN11,
+    "learn12": LEARN12,
     "main": MAIN,
 }
 

@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "by a multiplier on the measured cost (cost_step='multiplier'), 1M steps",
     )
     group.add_argument(
+        "--learn12",
+        action="store_true",
+        help="the learning study's thirteenth round: the smooth-cost action-value arm with its cost value read "
+        "through a one-step model of the observation (cost_q_form='dynamics'), 300k steps",
+    )
+    group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"
     )
     parser.add_argument(

@@ -50,7 +50,7 @@ from sb3_offtrc.core import (
 from sb3_offtrc.core.surrogates import centred_corrections
 from sb3_offtrc.cost_signal import CostReturnLimitMixin, EpisodeCostTracker, costs_from_infos, resolve_env_string
 from sb3_offtrc.offtrc.buffers import CostReplayBuffer, WindowBatch
-from sb3_offtrc.offtrc.policies import NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
+from sb3_offtrc.offtrc.policies import COST_Q_FORMS, NumpyActor, OffTRCPolicy, gaussian_entropy, gaussian_log_prob
 from sb3_offtrc.validation import (
     check_finite_observation,
     check_float,
@@ -140,6 +140,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         reads the smaller reward and the larger cost value of each pair, as SAC reads the smaller of
         its two critics, so that a step cannot gain on one critic's error alone (a deviation from the
         paper; docs/diagnosis.md).
+    :param cost_q_form: How ``surrogate="action_value"`` forms its cost value ``Q_C(s, a)``: ``"direct"``
+        (default) an MLP on the state and the action; ``"dynamics"`` ``U(f(s, a))``, where ``f`` is a
+        one-step model of the (flattened) observation fitted on the batch's transitions (its change per
+        dimension, standardised) and ``U`` a critic of the observation after the step fitted to the cost
+        targets of the transitions into it. The step's cost slope in the action is then the model's,
+        which the nearly deterministic physics pins down from the exploration noise alone, times the
+        post-state critic's slope across states, instead of the direct critic's slope in the action,
+        which the noisy cost returns leave unresolved (docs/diagnosis.md, finding 31). Not with
+        ``cost_q_target="td"``, ``n_q_critics=2`` or ``action_value_input="deviation"`` (a deviation from
+        the paper).
     :param cost_q_gradient_steps: Adam steps of the ``"td"`` cost-critic fit per update, each on
         ``critic_batch_size`` rows (256 if that is None); ``None`` (default): one per env step collected
         since the last update (``n_steps``), as SAC-Lagrangian takes them
@@ -238,6 +248,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_q_gradient_steps: int | None = None,
         action_value_input: str = "action",
         n_q_critics: int = 1,
+        cost_q_form: str = "direct",
         cost_step: str = "dual",
         cost_multiplier_lr: float = 0.1,
         cost_multiplier_max: float = 10.0,
@@ -320,6 +331,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.cost_q_gradient_steps = cost_q_gradient_steps
         self.action_value_input = action_value_input
         self.n_q_critics = n_q_critics
+        self.cost_q_form = cost_q_form
         self.cost_step = cost_step
         self.cost_multiplier_lr = cost_multiplier_lr
         self.cost_multiplier_max = cost_multiplier_max
@@ -447,6 +459,26 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     f"OffTRC: {name}={value!r} is built for the off-policy targets only, not for "
                     "cost_q_target='td': leave one of them out"
                 )
+        self.cost_q_form = getattr(self, "cost_q_form", "direct")
+        if self.cost_q_form not in COST_Q_FORMS:
+            choices = ", ".join(map(repr, COST_Q_FORMS))
+            raise ValueError(f"OffTRC: cost_q_form must be one of {choices}, got {self.cost_q_form!r}")
+        if self.cost_q_form != "direct":
+            if self.surrogate != "action_value":
+                raise ValueError(
+                    f"OffTRC: cost_q_form={self.cost_q_form!r} forms the action-value cost critic, which only "
+                    "surrogate='action_value' has: pass surrogate='action_value' as well, or leave cost_q_form out"
+                )
+            for name, value, default in (
+                ("cost_q_target", self.cost_q_target, "retrace"),
+                ("n_q_critics", self.n_q_critics, 1),
+                ("action_value_input", self.action_value_input, "action"),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"OffTRC: cost_q_form={self.cost_q_form!r} is built for a single critic of the replayed "
+                        f"action on the off-policy targets, not for {name}={value!r}: leave one of them out"
+                    )
         self.cost_step = getattr(self, "cost_step", "dual")
         if self.cost_step not in COST_STEPS:
             choices = ", ".join(map(repr, COST_STEPS))
@@ -568,6 +600,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             ("action_value_critics", "surrogate='action_value'"),
             ("cost_q_target_network", "cost_q_target='td'"),
             ("n_q_critics", "n_q_critics"),
+            ("cost_q_form", "cost_q_form"),
         ):
             if key in policy_kwargs:
                 raise ValueError(
@@ -580,6 +613,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             policy_kwargs["cost_q_target_network"] = True
         if self.n_q_critics == 2:
             policy_kwargs["n_q_critics"] = 2
+        if self.cost_q_form != "direct":
+            policy_kwargs["cost_q_form"] = self.cost_q_form
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **policy_kwargs
         )
@@ -839,6 +874,8 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                 (targets.reward_target[recent], targets.cost_target[recent]),
                 ("reward_q_critic", "cost_q_critic"),
             )
+            if self.cost_q_form == "dynamics":
+                self._log_dynamics_holdout(batch, recent)
         self._log_monte_carlo_cost(batch)
         if self.cost_step == "multiplier":
             self.cost_multiplier = update_cost_multiplier(
@@ -848,7 +885,10 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             self.logger.record("train/cost_multiplier", self.cost_multiplier)
         self._policy_step(batch, targets, rho, mean_k, std_k, log_pi_k, cost_mean, cost_var, kappa)
         q_actions = self._q_actions(actions, batch.behaviour_mean)
-        self._fit_critics(obs, targets.reward_target, targets.cost_target, std_target, actions=q_actions)
+        self._fit_critics(
+            obs, targets.reward_target, targets.cost_target, std_target, actions=q_actions,
+            next_obs=batch.next_observations,
+        )  # fmt: skip
         if self.cost_q_target == "td":
             self._fit_cost_q_td(batch)
 
@@ -876,6 +916,33 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             variance = float(th.var(target[recent])) if int(recent.sum()) > 1 else math.nan
             self.logger.record(f"diag/{name}_holdout_mse", mse)
             self.logger.record(f"diag/{name}_holdout_ev", 1.0 - mse / variance if variance > 0 else math.nan)
+
+    def _log_dynamics_holdout(self, batch: WindowBatch, recent: th.Tensor) -> None:
+        """``cost_q_form="dynamics"``: the one-step model's error on the newest windows before it is fitted
+        to them, as the explained variance of the standardised change averaged over the features that
+        change (``diag/dynamics_holdout_ev``), and the same for the change of the cost value along the
+        model (``diag/post_cost_step_holdout_ev``: ``U(f(s, a))`` against ``U(s')``, which says whether the
+        model moves the state the way the critic reads it)."""
+        policy = self.policy
+        with th.no_grad():
+            features = policy.features(batch.observations[recent])
+            next_features = policy.features(batch.next_observations[recent])
+            model = policy.dynamics_model
+            predicted = model(th.cat([features, batch.actions[recent]], dim=-1))
+            wanted = (next_features - features) / model.delta_scale
+            variance = wanted.var(dim=0)
+            moving = variance > 0
+            if int(recent.sum()) > 1 and bool(moving.any()):
+                error = ((predicted - wanted) ** 2).mean(dim=0)
+                self.logger.record("diag/dynamics_holdout_ev", float((1.0 - error[moving] / variance[moving]).mean()))
+                u_now = policy.post_cost_critic(features)
+                u_model = policy.post_cost_critic(model.next_features(features, batch.actions[recent]))
+                u_true = policy.post_cost_critic(next_features)
+                true_change = u_true - u_now
+                change_variance = float(true_change.var())
+                if change_variance > 0:
+                    change_error = float(((u_model - u_true) ** 2).mean())
+                    self.logger.record("diag/post_cost_step_holdout_ev", 1.0 - change_error / change_variance)
 
     def _log_monte_carlo_cost(self, batch: WindowBatch) -> None:
         """Monte-Carlo mean and variance of the discounted cost return on the recent windows.
@@ -1198,6 +1265,7 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         cost_target: th.Tensor,
         std_target: th.Tensor,
         actions: th.Tensor | None = None,
+        next_obs: th.Tensor | None = None,
     ) -> None:
         policy = self.policy
         with th.no_grad():
@@ -1216,7 +1284,9 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     "OffTRC(surrogate='action_value') fits its action-value critics on the batch's actions"
                 )
             q_jobs = [("reward_q_critic_loss", policy.reward_q_critic, policy.reward_q_optimizer, reward_target)]
-            if self.cost_q_target == "retrace":  # "td": fitted on its own targets by _fit_cost_q_td
+            if self.cost_q_form == "dynamics":
+                self._fit_cost_dynamics(features, actions, next_obs, cost_target)
+            elif self.cost_q_target == "retrace":  # "td": fitted on its own targets by _fit_cost_q_td
                 q_jobs.append(("cost_q_critic_loss", policy.cost_q_critic, policy.cost_q_optimizer, cost_target))
             if self.n_q_critics == 2:
                 q_jobs += [
@@ -1224,6 +1294,29 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     ("cost_q_critic_2_loss", policy.cost_q_critic_2, policy.cost_q_optimizer_2, cost_target),
                 ]
             self._fit_jobs(th.cat([features, actions], dim=-1), q_jobs)
+
+    def _fit_cost_dynamics(
+        self, features: th.Tensor, actions: th.Tensor, next_obs: th.Tensor | None, cost_target: th.Tensor
+    ) -> None:
+        """``cost_q_form="dynamics"``: fit the one-step model on the batch's transitions and the post-state
+        critic ``U(s')`` on the cost targets of the transitions into ``s'`` (as many Adam steps each as a
+        critic)."""
+        if next_obs is None:
+            raise ValueError("OffTRC(cost_q_form='dynamics') fits its one-step model on the batch's next observations")
+        policy = self.policy
+        with th.no_grad():
+            next_features = policy.features(next_obs)
+            delta = next_features - features
+            policy.dynamics_model.set_delta_scale(delta)
+            delta_target = delta / policy.dynamics_model.delta_scale
+        self._fit_jobs(
+            next_features,
+            [("post_cost_critic_loss", policy.post_cost_critic, policy.post_cost_optimizer, cost_target)],
+        )
+        self._fit_jobs(
+            th.cat([features, actions], dim=-1),
+            [("dynamics_loss", policy.dynamics_model, policy.dynamics_optimizer, delta_target)],
+        )
 
     #: Polyak rate of the ``cost_q_target="td"`` target network per Adam step (SAC's default)
     cost_q_tau: ClassVar[float] = 0.005
@@ -1367,13 +1460,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             )
         except RuntimeError as exc:
             # the policy's state dict lacks (or has extra) action-value critics or their target network
-            given = [key for key in ("surrogate", "cost_q_target", "n_q_critics") if key in kwargs]
-            if "q_critic" not in str(exc) or not given:
+            given = [key for key in ("surrogate", "cost_q_target", "n_q_critics", "cost_q_form") if key in kwargs]
+            if not any(part in str(exc) for part in ("q_critic", "dynamics_model", "post_cost_critic")) or not given:
                 raise
             settings = ", ".join(f"{key}={kwargs[key]!r}" for key in given)
             raise ValueError(
                 f"{path} was saved with other settings than {settings}: a model keeps the surrogate, "
-                "cost_q_target and n_q_critics it was built with (their critics are part of the policy). Load it "
+                "cost_q_target and n_q_critics it was built with, and its cost_q_form (their critics are part of the "
+                "policy). Load it "
                 f"without {', '.join(f'{key}=...' for key in given)}, or train a new model with the settings you want."
             ) from None
 
@@ -1390,7 +1484,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         names = ["policy", "policy.reward_optimizer", "policy.cost_optimizer", "policy.cost_std_optimizer"]
         if getattr(self.policy, "action_value_critics", False):
-            names += ["policy.reward_q_optimizer", "policy.cost_q_optimizer"]
+            names.append("policy.reward_q_optimizer")
+            if getattr(self.policy, "cost_q_form", "direct") == "direct":
+                names.append("policy.cost_q_optimizer")
+            else:
+                names += ["policy.dynamics_optimizer", "policy.post_cost_optimizer"]
         if getattr(self.policy, "n_q_critics", 1) == 2:
             names += ["policy.reward_q_optimizer_2", "policy.cost_q_optimizer_2"]
         return names, []

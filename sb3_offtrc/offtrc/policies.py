@@ -158,6 +158,38 @@ class ValueCritic(nn.Module):
         return nn.functional.softplus(out) if self.positive else out
 
 
+class DynamicsModel(nn.Module):
+    """One-step model of the features: ``f(s, a) = s + delta_scale * net(s, a)``.
+
+    ``net`` is fitted to the per-dimension standardised change ``(s' - s) / delta_scale``, so that every
+    feature counts alike whatever its scale; ``delta_scale`` (a buffer, saved with the model) is the
+    change's std over the batch, set by ``set_delta_scale`` before each fit.
+    """
+
+    #: smallest ``delta_scale``: a feature that never changes keeps a target of zero, not 0 / 0
+    min_delta_scale: float = 1e-6
+
+    def __init__(self, features_dim: int, action_dim: int, net_arch: list[int], activation_fn: type[nn.Module]) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*create_mlp(features_dim + action_dim, features_dim, net_arch, activation_fn))
+        self.register_buffer("delta_scale", th.ones(features_dim))
+
+    def set_delta_scale(self, delta: th.Tensor) -> None:
+        self.delta_scale.copy_(th.clamp(delta.std(dim=0), min=self.min_delta_scale))
+
+    def forward(self, inputs: th.Tensor) -> th.Tensor:
+        """The standardised change predicted from ``[features, action]`` side by side (what is fitted)."""
+        return self.net(inputs)
+
+    def next_features(self, features: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        return features + self.delta_scale * self.net(th.cat([features, actions], dim=-1))
+
+
+#: How the action-value cost ``Q_C(s, a)`` is formed: ``"direct"`` an MLP on ``(s, a)``; ``"dynamics"``
+#: ``U(f(s, a))``, a critic of the state after the step through a one-step model of the features
+COST_Q_FORMS = ("direct", "dynamics")
+
+
 class OffTRCPolicy(BasePolicy):
     """Actor and distributional cost critic of Off-Policy TRC.
 
@@ -183,6 +215,10 @@ class OffTRCPolicy(BasePolicy):
         the bootstrap of ``OffTRC(cost_q_target="td")``, which sets it
     :param n_q_critics: Action-value critics per side, 1 or 2 (``OffTRC(n_q_critics=...)`` sets it). With
         2, ``action_values`` gives the smaller reward and the larger cost value of the pair
+    :param cost_q_form: ``"direct"`` (default): ``Q_C(s, a)`` is an MLP on the features and the action;
+        ``"dynamics"``: ``Q_C(s, a) = U(f(s, a))``, with ``f`` a one-step model of the features
+        (``dynamics_model``) and ``U`` a critic of the features after the step (``post_cost_critic``);
+        ``OffTRC(cost_q_form=...)`` sets it
     """
 
     def __init__(
@@ -202,6 +238,7 @@ class OffTRCPolicy(BasePolicy):
         action_value_critics: bool = False,
         cost_q_target_network: bool = False,
         n_q_critics: int = 1,
+        cost_q_form: str = "direct",
     ) -> None:
         super().__init__(
             observation_space,
@@ -243,14 +280,25 @@ class OffTRCPolicy(BasePolicy):
         self.cost_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
         self.cost_std_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=True)
         self.action_value_critics = bool(action_value_critics)
+        if cost_q_form not in COST_Q_FORMS:
+            raise ValueError(f"cost_q_form must be one of {', '.join(map(repr, COST_Q_FORMS))}, got {cost_q_form!r}")
+        if cost_q_form != "direct" and not action_value_critics:
+            raise ValueError(f"cost_q_form={cost_q_form!r} needs action_value_critics=True (it forms Q_C)")
+        self.cost_q_form = cost_q_form
         if self.action_value_critics:
             # Q(s, a): the same MLP on the features and the (unclipped, [-1, 1]-unit) action side by side
             self.reward_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
-            self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+            if cost_q_form == "direct":
+                self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
+            else:
+                self.dynamics_model = DynamicsModel(features_dim, action_dim, critic_arch, activation_fn)
+                self.post_cost_critic = ValueCritic(features_dim, critic_arch, activation_fn, positive=False)
         if n_q_critics not in (1, 2) or isinstance(n_q_critics, bool):
             raise ValueError(f"n_q_critics must be 1 or 2, got {n_q_critics!r}")
         if n_q_critics == 2 and not self.action_value_critics:
             raise ValueError("n_q_critics=2 needs action_value_critics=True (it pairs Q_R and Q_C)")
+        if n_q_critics == 2 and cost_q_form != "direct":
+            raise ValueError(f"n_q_critics=2 pairs direct critics only, not cost_q_form={cost_q_form!r}")
         self.n_q_critics = int(n_q_critics)
         if self.n_q_critics == 2:
             # a second pair, initialised apart and fitted to the same targets (SAC's clipped pair)
@@ -258,8 +306,11 @@ class OffTRCPolicy(BasePolicy):
             self.cost_q_critic_2 = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
         self.cost_q_target_network = bool(cost_q_target_network)
         if self.cost_q_target_network:
-            if not self.action_value_critics:
-                raise ValueError("cost_q_target_network=True needs action_value_critics=True (it follows Q_C)")
+            if not self.action_value_critics or cost_q_form != "direct":
+                raise ValueError(
+                    "cost_q_target_network=True needs action_value_critics=True and cost_q_form='direct' (it "
+                    "follows the MLP Q_C)"
+                )
             self.cost_q_critic_target = copy.deepcopy(self.cost_q_critic).requires_grad_(False)
 
         # One optimiser per critic over its own parameters (the authors' torch port gives the
@@ -283,8 +334,16 @@ class OffTRCPolicy(BasePolicy):
             self.reward_q_optimizer = optimizer_class(  # type: ignore[call-arg]
                 self.reward_q_critic.parameters(), lr=lr, **kwargs
             )
+        if self.action_value_critics and cost_q_form == "direct":
             self.cost_q_optimizer = optimizer_class(  # type: ignore[call-arg]
                 self.cost_q_critic.parameters(), lr=lr, **kwargs
+            )
+        if self.action_value_critics and cost_q_form == "dynamics":
+            self.dynamics_optimizer = optimizer_class(  # type: ignore[call-arg]
+                self.dynamics_model.parameters(), lr=lr, **kwargs
+            )
+            self.post_cost_optimizer = optimizer_class(  # type: ignore[call-arg]
+                self.post_cost_critic.parameters(), lr=lr, **kwargs
             )
         if self.n_q_critics == 2:
             self.reward_q_optimizer_2 = optimizer_class(  # type: ignore[call-arg]
@@ -309,6 +368,7 @@ class OffTRCPolicy(BasePolicy):
             action_value_critics=self.action_value_critics,
             cost_q_target_network=self.cost_q_target_network,
             n_q_critics=self.n_q_critics,
+            cost_q_form=self.cost_q_form,
         )
         return data
 
@@ -320,7 +380,11 @@ class OffTRCPolicy(BasePolicy):
     def critic_optimizers(self) -> list[th.optim.Optimizer]:
         optimizers = [self.reward_optimizer, self.cost_optimizer, self.cost_std_optimizer]
         if self.action_value_critics:
-            optimizers += [self.reward_q_optimizer, self.cost_q_optimizer]
+            optimizers.append(self.reward_q_optimizer)
+            if self.cost_q_form == "direct":
+                optimizers.append(self.cost_q_optimizer)
+            else:
+                optimizers += [self.dynamics_optimizer, self.post_cost_optimizer]
         if self.n_q_critics == 2:
             optimizers += [self.reward_q_optimizer_2, self.cost_q_optimizer_2]
         return optimizers
@@ -339,11 +403,16 @@ class OffTRCPolicy(BasePolicy):
 
     def action_values(self, features: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """``Q_R(s, a)`` and ``Q_C(s, a)`` from the features of ``s`` (``action_value_critics=True`` only); with
-        ``n_q_critics=2`` the smaller reward and the larger cost value of the two critics of each side."""
+        ``n_q_critics=2`` the smaller reward and the larger cost value of the two critics of each side; with
+        ``cost_q_form="dynamics"`` ``Q_C(s, a) = U(f(s, a))``."""
         if not self.action_value_critics:
             raise ValueError("this policy has no action-value critics: build it with action_value_critics=True")
         inputs = th.cat([features, actions], dim=-1)
-        q_r, q_c = self.reward_q_critic(inputs), self.cost_q_critic(inputs)
+        q_r = self.reward_q_critic(inputs)
+        if self.cost_q_form == "dynamics":
+            q_c = self.post_cost_critic(self.dynamics_model.next_features(features, actions))
+        else:
+            q_c = self.cost_q_critic(inputs)
         if self.n_q_critics == 2:
             q_r = th.minimum(q_r, self.reward_q_critic_2(inputs))
             q_c = th.maximum(q_c, self.cost_q_critic_2(inputs))
