@@ -65,7 +65,7 @@ LABELS = {
     # round 12 (LEARN11): the smooth-cost arm (limit 50) with cost_step="multiplier"
     "rec_actionvalue_smooth_limit2x_mult": "OffTRC (action-value, smooth training cost, cost multiplier)",
     # round 13 (LEARN12): the smooth-cost arm (limit 50) with cost_q_form="dynamics"
-    "rec_actionvalue_smooth_limit2x_dynq": "OffTRC (action-value, smooth training cost, cost value through a dynamics model)",
+    "rec_actionvalue_smooth_limit2x_dynq": "OffTRC (action-value, smooth training cost, cost through a one-step model)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",
