@@ -1139,6 +1139,89 @@ def test_n_q_critics_two_fits_a_second_pair_and_the_step_reads_the_pessimistic_v
         OffTRC.load(tmp_path / "pair.zip", n_q_critics=1)
 
 
+def test_cost_q_form_dynamics_forms_q_c_through_the_model_and_keeps_it_on_save(tmp_path: Any) -> None:
+    """``cost_q_form="dynamics"``: ``Q_C(s, a) = U(s + scale * net(s, a))`` (checked against the modules
+    called by hand); training fits both parts and logs their held-out errors; save/load keeps them and the
+    change scale; a mismatched load and every combination the option is not built for are refused."""
+    with pytest.raises(ValueError, match="cost_q_form must be one of 'direct', 'dynamics'"):
+        _model(surrogate="action_value", cost_q_form="model")
+    with pytest.raises(ValueError, match="pass surrogate='action_value' as well, or leave cost_q_form out"):
+        _model(cost_q_form="dynamics")
+    for option in (dict(cost_q_target="td"), dict(n_q_critics=2), dict(action_value_input="deviation")):
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"not for {name}="):
+            _model(surrogate="action_value", cost_q_form="dynamics", **option)
+    with pytest.raises(ValueError, match="pass cost_q_form to OffTRC instead"):
+        _model(surrogate="action_value", policy_kwargs=dict(net_arch=[16, 16], cost_q_form="dynamics"))
+    direct = _model(surrogate="action_value").policy
+    assert hasattr(direct, "cost_q_critic") and not hasattr(direct, "dynamics_model")
+
+    model = _model(surrogate="action_value", cvar_alpha=1.0, cost_q_form="dynamics")
+    policy = model.policy
+    assert not hasattr(policy, "cost_q_critic")
+    before = {name: [p.detach().clone() for p in getattr(policy, name).parameters()] for name in
+              ("dynamics_model", "post_cost_critic")}  # fmt: skip
+    model.learn(300)
+    for name, params in before.items():
+        assert any(not th.equal(a, b) for a, b in zip(params, getattr(policy, name).parameters(), strict=True))
+    for key in ("train/dynamics_loss", "train/post_cost_critic_loss", "diag/dynamics_holdout_ev"):
+        assert math.isfinite(model.logger.name_to_value[key]), key
+    # the change scale is the batch's std of s' - s per feature (Pendulum: cos, sin, angular velocity)
+    scale = policy.dynamics_model.delta_scale
+    assert scale.shape == (3,) and bool((scale > 1e-3).all()) and not th.allclose(scale, th.ones(3))
+    assert len(policy.critic_optimizers) == 6
+
+    features = th.randn(64, 3)
+    actions = th.rand(64, 1) * 2 - 1
+    with th.no_grad():
+        _, q_c = policy.action_values(features, actions)
+        after = features + scale * policy.dynamics_model.net(th.cat([features, actions], dim=-1))
+        th.testing.assert_close(q_c, policy.post_cost_critic.net(after).squeeze(-1))
+
+    model.save(tmp_path / "dyn.zip")
+    loaded = OffTRC.load(tmp_path / "dyn.zip", env=CostPendulum())
+    assert loaded.cost_q_form == "dynamics" and loaded.policy.cost_q_form == "dynamics"
+    th.testing.assert_close(loaded.policy.dynamics_model.delta_scale, scale)
+    with th.no_grad():
+        th.testing.assert_close(loaded.policy.action_values(features, actions)[1], q_c)
+    assert _adam_steps(loaded.policy.dynamics_optimizer) == _adam_steps(policy.dynamics_optimizer) > 0
+    loaded.learn(100, reset_num_timesteps=False)
+    with pytest.raises(ValueError, match="and its cost_q_form"):
+        OffTRC.load(tmp_path / "dyn.zip", cost_q_form="direct")
+
+
+def test_cost_q_form_dynamics_recovers_a_linear_models_action_slope() -> None:
+    """On transitions of a known linear system ``s' = s + s A + a B`` with the cost target ``2 s'_0``,
+    the fitted model's slope of ``s'`` in the action is ``B``, and the slope of the formed ``Q_C`` in the
+    action is the chain rule's ``2 B_0`` (closed form): the one-step model resolves what a direct critic
+    would have to read off the same noise-free action variation."""
+    th.manual_seed(0)
+    model = _model(
+        surrogate="action_value", cvar_alpha=1.0, cost_q_form="dynamics", n_critic_epochs=25,
+        critic_batch_size=100, policy_kwargs=dict(net_arch=[64, 64]),
+    )  # fmt: skip
+    model.set_logger(configure(None, [""]))
+    n = 2000
+    obs = th.randn(n, 3)
+    actions = th.rand(n, 1) * 2 - 1
+    a_matrix = th.tensor([[0.1, 0.0, -0.05], [0.0, -0.1, 0.0], [0.05, 0.0, 0.1]])
+    b_matrix = th.tensor([[0.5, -0.2, 0.3]])
+    next_obs = obs + obs @ a_matrix + actions @ b_matrix
+    cost_target = 2.0 * next_obs[:, 0]
+    for _ in range(6):
+        model._fit_cost_dynamics(obs, actions, next_obs, cost_target)
+    policy = model.policy
+    probe_obs = th.randn(256, 3)
+    probe_actions = (th.rand(256, 1) * 2 - 1).requires_grad_(True)
+    predicted = policy.dynamics_model.next_features(probe_obs, probe_actions)
+    slope = th.stack([th.autograd.grad(predicted[:, k].sum(), probe_actions, retain_graph=True)[0][:, 0]
+                      for k in range(3)], dim=-1)  # fmt: skip
+    th.testing.assert_close(slope.mean(dim=0), b_matrix[0], atol=0.04, rtol=0.0)
+    _, q_c = policy.action_values(probe_obs, probe_actions)
+    (q_slope,) = th.autograd.grad(q_c.sum(), probe_actions)
+    assert abs(float(q_slope.mean()) - 2.0 * float(b_matrix[0, 0])) < 0.1
+
+
 def test_td_action_value_fit_reaches_the_bellman_fixed_point() -> None:
     """``fit_td_action_value`` on a two-state cycle s0 -> s1 -> s0 with cost 1 in s0 and none in s1:
     the fixed point of ``Q(s) = c(s) + gamma Q(s')`` is ``1 / (1 - gamma^2)`` in s0 and ``gamma``
