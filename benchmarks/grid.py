@@ -672,13 +672,27 @@ LEARN11 = _study_round(
 #: error is hundreds of times the change a step predicts. ``cost_q_form="dynamics"`` reads it as
 #: ``U(f(s, a))``: a one-step model of the observation (nearly deterministic physics, so the noise pins its
 #: action slope down) and a critic of the state after the step (its slope across states, which vary far
-#: more than the actions at one state do), on finding 27's arm
-LEARN12 = _study_round(
+#: more than the actions at one state do), on finding 27's arm, 300k. Then (finding 36): its recovery steps
+#: widened the std to 5-6 action units, gaining on what the critics make of actions beyond the box the env
+#: clips them to; round 7's reward steps widened it too (to 1.2-3.3 on seed 1). The critics given the
+#: clipped action (``action_value_input="clipped"``), 1M
+_DYNQ = {**_SMOOTH_ACTION_VALUE, "cost_q_form": "dynamics"}
+_CLIPPED = {**_SMOOTH_ACTION_VALUE, "action_value_input": "clipped"}
+LEARN12 = _study(
     "learn12",
-    {"rec_actionvalue_smooth_limit2x_dynq": {**_SMOOTH_ACTION_VALUE, "cost_q_form": "dynamics"}},
-    seeds=[0, 1, 2],
-    budget=300_000,
-    cost_limits={"rec_actionvalue_smooth_limit2x_dynq": 0.05},
+    [
+        Block(
+            algos=["rec_actionvalue_smooth_limit2x_dynq"], envs=["SafetyPointGoal1-v0"], seeds=[0, 1, 2], budget=300_000
+        ),
+        Block(
+            algos=["rec_actionvalue_smooth_limit2x_clip"],
+            envs=["SafetyPointGoal1-v0"],
+            seeds=[0, 1, 2],
+            budget=1_000_000,
+        ),
+    ],
+    {"rec_actionvalue_smooth_limit2x_dynq": _DYNQ, "rec_actionvalue_smooth_limit2x_clip": _CLIPPED},
+    {"rec_actionvalue_smooth_limit2x_dynq": 0.05, "rec_actionvalue_smooth_limit2x_clip": 0.05},
 )
 
 PRESETS = {

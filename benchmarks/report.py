@@ -66,6 +66,8 @@ LABELS = {
     "rec_actionvalue_smooth_limit2x_mult": "OffTRC (action-value, smooth training cost, cost multiplier)",
     # round 13 (LEARN12): the smooth-cost arm (limit 50) with cost_q_form="dynamics"
     "rec_actionvalue_smooth_limit2x_dynq": "OffTRC (action-value, smooth training cost, cost through a one-step model)",
+    # round 13 (LEARN12): the smooth-cost arm (limit 50) with the critics given the clipped action
+    "rec_actionvalue_smooth_limit2x_clip": "OffTRC (action-value, smooth training cost, clipped critic input)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",

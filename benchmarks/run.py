@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "--learn12",
         action="store_true",
         help="the learning study's thirteenth round: the smooth-cost action-value arm with its cost value read "
-        "through a one-step model of the observation (cost_q_form='dynamics'), 300k steps",
+        "through a one-step model of the observation (cost_q_form='dynamics'), 300k steps; and with the critics given "
+        "the clipped action (action_value_input='clipped'), 1M steps",
     )
     group.add_argument(
         "--main", action="store_true", help="the published comparison: OffTRC against PPO(-Lagrangian) at 1M steps"

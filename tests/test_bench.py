@@ -444,9 +444,11 @@ def test_an_arm_with_its_own_cost_limit_trains_with_it_and_the_others_keep_the_p
     (mult,) = run.expand(run.PRESETS["learn11"], BENCH, None, None, [0], None)
     assert (mult.algo, mult.cost_limit, mult.budget) == ("rec_actionvalue_smooth_limit2x_mult", 0.05, 1_000_000)
     assert (mult.hyperparams["cost_step"], mult.hyperparams["env"]) == ("multiplier", {"cost": "smooth"})
-    (dynq,) = run.expand(run.PRESETS["learn12"], BENCH, None, None, [0], None)
+    dynq, clip = run.expand(run.PRESETS["learn12"], BENCH, None, None, [0], None)
     assert (dynq.algo, dynq.cost_limit, dynq.budget) == ("rec_actionvalue_smooth_limit2x_dynq", 0.05, 300_000)
     assert (dynq.hyperparams["cost_q_form"], dynq.hyperparams["env"]) == ("dynamics", {"cost": "smooth"})
+    assert (clip.algo, clip.cost_limit, clip.budget) == ("rec_actionvalue_smooth_limit2x_clip", 0.05, 1_000_000)
+    assert (clip.hyperparams["action_value_input"], clip.hyperparams["env"]) == ("clipped", {"cost": "smooth"})
     for preset in run.PRESETS.values():
         if preset.name not in ("learn4", "learn7", "learn8", "learn9", "learn10", "learn11", "learn12"):
             limits = {spec.cost_limit for spec in run.expand(preset, BENCH, None, None, None, None)}

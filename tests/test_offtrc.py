@@ -1027,7 +1027,7 @@ def test_action_value_input_deviation_feeds_the_critics_the_noise_not_the_action
     and scored on the newest rows the same way, the step evaluates them at the candidate's action less
     pi_k's mean (at theta_k: the noise ``std_k * eps`` alone), save/load keeps the setting, and bad
     input is refused."""
-    with pytest.raises(ValueError, match="action_value_input must be one of 'action', 'deviation'"):
+    with pytest.raises(ValueError, match="action_value_input must be one of 'action', 'deviation', 'clipped'"):
         _model(surrogate="action_value", action_value_input="noise")
     with pytest.raises(ValueError, match="pass surrogate='action_value' as well, or leave action_value_input out"):
         _model(action_value_input="deviation")
@@ -1089,6 +1089,47 @@ def test_action_value_input_deviation_feeds_the_critics_the_noise_not_the_action
     assert OffTRC.load(tmp_path / "dev.zip", env=CostPendulum(), action_value_input="deviation").n_recent == 100
     with pytest.raises(ValueError, match="was saved with action_value_input='deviation', not 'action'"):
         OffTRC.load(tmp_path / "dev.zip", action_value_input="action")
+
+
+def test_action_value_input_clipped_gives_the_critics_the_executed_action_and_no_slope_beyond_the_box(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``action_value_input="clipped"``: the critics are fitted and scored on the replayed actions clipped
+    to [-1, 1], and in the step a sample beyond the box reads the edge's value with zero slope, so the
+    surrogate's gradient in the std vanishes where every sample is clipped."""
+    with pytest.raises(ValueError, match="pass surrogate='action_value' as well, or leave action_value_input out"):
+        _model(action_value_input="clipped")
+    model = _model(surrogate="action_value", cvar_alpha=1.0, action_value_input="clipped")
+    model.learn(300)
+    fitted: list[th.Tensor] = []
+    real_fit = model._fit_jobs
+
+    def fit_spy(features: th.Tensor, jobs: Any) -> None:
+        if any("q_critic" in job[0] for job in jobs):
+            fitted.append(features[:, -1:].clone())
+        real_fit(features, jobs)
+
+    with th.no_grad():  # a wide policy, so that many replayed actions lie beyond the box
+        model.policy.actor.log_std_head.bias.fill_(1.0)
+    model.learn(200, reset_num_timesteps=False)
+    stored = th.as_tensor(model.replay_buffer.actions[: model.replay_buffer.size()].reshape(-1, 1))
+    assert float((stored.abs() > 1.0).float().mean()) > 0.2  # the buffer keeps the unclipped sample
+    monkeypatch.setattr(model, "_fit_jobs", fit_spy)
+    model.train(gradient_steps=1)
+    monkeypatch.undo()
+    (fit_actions,) = fitted
+    assert float(fit_actions.abs().max()) <= 1.0 and float((fit_actions.abs() == 1.0).float().mean()) > 0.2
+    # the step's input: q(s, clip(mean + std eps)); beyond the box no gradient reaches mean or std
+    features = th.zeros(4, 3)
+    mean = th.zeros(4, 1, requires_grad=True)
+    std = th.full((4, 1), 0.5, requires_grad=True)
+    eps = th.tensor([[3.0], [-4.0], [5.0], [-2.5]])  # every sample beyond the box
+    q_r, q_c = model.policy.action_values(features, model._q_actions(mean + std * eps, mean))
+    grad_mean, grad_std = th.autograd.grad((q_r + q_c).sum(), (mean, std))
+    assert float(grad_mean.abs().max()) == 0.0 and float(grad_std.abs().max()) == 0.0
+    eps_inside = th.tensor([[0.5], [-1.0], [1.5], [-0.2]])
+    q_r, q_c = model.policy.action_values(features, model._q_actions(mean + std * eps_inside, mean))
+    assert float(th.autograd.grad((q_r + q_c).sum(), std)[0].abs().max()) > 0.0
 
 
 def test_n_q_critics_two_fits_a_second_pair_and_the_step_reads_the_pessimistic_values(tmp_path: Any) -> None:

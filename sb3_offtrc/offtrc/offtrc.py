@@ -65,7 +65,7 @@ COST_ESTIMATES = ("window", "critic")
 #: how the step's reward objective and expected-cost term are estimated (``OffTRC(surrogate=...)``)
 SURROGATES = ("importance", "action_value")
 COST_Q_TARGETS = ("retrace", "td")
-ACTION_VALUE_INPUTS = ("action", "deviation")
+ACTION_VALUE_INPUTS = ("action", "deviation", "clipped")
 #: how the step weighs the cost direction (``OffTRC(cost_step=...)``)
 COST_STEPS = ("dual", "multiplier")
 #: the defaults of the options that only ``cost_step="multiplier"`` reads (as in ``OffTRC.__init__``)
@@ -133,8 +133,11 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         ``a_t - mean_b(s_t)`` from the mean of the policy that took it (the exploration noise), and in
         the step the candidate policy's action less the current policy's mean. Each window is one
         policy, so the action tells the critics which policy acted, and through it how lucky that
-        policy's episode was; the deviation carries only what the noise did (a deviation from the
-        paper; docs/diagnosis.md).
+        policy's episode was; the deviation carries only what the noise did; ``"clipped"`` the action
+        clipped to the action box, as the env executed it, in the fit and in the step alike: a
+        sample beyond the box then has the edge's value and no slope, so that a step cannot gain on
+        what the critics make of actions the env never executes, e.g. by widening the std (a
+        deviation from the paper; docs/diagnosis.md).
     :param n_q_critics: Action-value critics per side for ``surrogate="action_value"``, 1 (default) or
         2: a second ``Q_R`` and ``Q_C``, initialised apart and fitted to the same targets; the step
         reads the smaller reward and the larger cost value of each pair, as SAC reads the smaller of
@@ -893,9 +896,14 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
             self._fit_cost_q_td(batch)
 
     def _q_actions(self, actions: th.Tensor, centre: th.Tensor) -> th.Tensor:
-        """The action input of the action-value critics: ``actions`` as they are, or (``action_value_input=
-        "deviation"``) less ``centre``, the mean of the policy whose deviation they are."""
-        return actions - centre if self.action_value_input == "deviation" else actions
+        """The action input of the action-value critics: ``actions`` as they are, (``action_value_input=
+        "deviation"``) less ``centre``, the mean of the policy whose deviation they are, or (``"clipped"``)
+        clipped to the box [-1, 1] the env executes them in."""
+        if self.action_value_input == "deviation":
+            return actions - centre
+        if self.action_value_input == "clipped":
+            return th.clamp(actions, -1.0, 1.0)
+        return actions
 
     def _log_critic_holdout(
         self,
