@@ -68,6 +68,7 @@ LABELS = {
     "rec_actionvalue_smooth_limit2x_dynq": "OffTRC (action-value, smooth training cost, cost through a one-step model)",
     # round 13 (LEARN12): the smooth-cost arm (limit 50) with the critics given the clipped action
     "rec_actionvalue_smooth_limit2x_clip": "OffTRC (action-value, smooth training cost, clipped critic input)",
+    "rec_actionvalue_smooth_limit2x_clip_stdmin0.15": "OffTRC (action-value, smooth cost, clipped input, std >= 0.15)",
     "offtrc": "OffTRC",
     "offtrc_cpu": "OffTRC (cpu preset)",
     "sac_lag": "SAC-Lag",
