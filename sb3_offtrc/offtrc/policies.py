@@ -168,6 +168,7 @@ class DynamicsModel(nn.Module):
 
     #: smallest ``delta_scale``: a feature that never changes keeps a target of zero, not 0 / 0
     min_delta_scale: float = 1e-6
+    delta_scale: th.Tensor
 
     def __init__(self, features_dim: int, action_dim: int, net_arch: list[int], activation_fn: type[nn.Module]) -> None:
         super().__init__()
