@@ -287,7 +287,8 @@ class OffTRCPolicy(BasePolicy):
             raise ValueError(f"cost_q_form={cost_q_form!r} needs action_value_critics=True (it forms Q_C)")
         self.cost_q_form = cost_q_form
         if self.action_value_critics:
-            # Q(s, a): the same MLP on the features and the (unclipped, [-1, 1]-unit) action side by side
+            # Q(s, a): the same MLP on the features and the [-1, 1]-unit action side by side (unclipped unless
+            # OffTRC(action_value_input="clipped"), which clips it to the box)
             self.reward_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
             if cost_q_form == "direct":
                 self.cost_q_critic = ValueCritic(features_dim + action_dim, critic_arch, activation_fn, positive=False)
