@@ -444,11 +444,16 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
         self.n_q_critics = getattr(self, "n_q_critics", 1)
         if isinstance(self.n_q_critics, bool) or self.n_q_critics not in (1, 2):
             raise ValueError(f"OffTRC: n_q_critics must be 1 or 2, got {self.n_q_critics!r}")
+        self.cost_q_form = getattr(self, "cost_q_form", "direct")
+        if self.cost_q_form not in COST_Q_FORMS:
+            choices = ", ".join(map(repr, COST_Q_FORMS))
+            raise ValueError(f"OffTRC: cost_q_form must be one of {choices}, got {self.cost_q_form!r}")
         # options of the action-value critics, set away from their defaults: they need those critics, and
         # they are built for the off-policy targets only (cost_q_target='td' draws its next action afresh)
         for name, value, default in (
             ("action_value_input", self.action_value_input, "action"),
             ("n_q_critics", self.n_q_critics, 1),
+            ("cost_q_form", self.cost_q_form, "direct"),
         ):
             if value == default:
                 continue
@@ -462,25 +467,15 @@ class OffTRC(CostReturnLimitMixin, OffPolicyAlgorithm):
                     f"OffTRC: {name}={value!r} is built for the off-policy targets only, not for "
                     "cost_q_target='td': leave one of them out"
                 )
-        self.cost_q_form = getattr(self, "cost_q_form", "direct")
-        if self.cost_q_form not in COST_Q_FORMS:
-            choices = ", ".join(map(repr, COST_Q_FORMS))
-            raise ValueError(f"OffTRC: cost_q_form must be one of {choices}, got {self.cost_q_form!r}")
-        if self.cost_q_form != "direct":
-            if self.surrogate != "action_value":
-                raise ValueError(
-                    f"OffTRC: cost_q_form={self.cost_q_form!r} forms the action-value cost critic, which only "
-                    "surrogate='action_value' has: pass surrogate='action_value' as well, or leave cost_q_form out"
-                )
+        if self.cost_q_form != "direct":  # one critic of the replayed action: no pair, no other input
             for name, value, default in (
-                ("cost_q_target", self.cost_q_target, "retrace"),
                 ("n_q_critics", self.n_q_critics, 1),
                 ("action_value_input", self.action_value_input, "action"),
             ):
                 if value != default:
                     raise ValueError(
                         f"OffTRC: cost_q_form={self.cost_q_form!r} is built for a single critic of the replayed "
-                        f"action on the off-policy targets, not for {name}={value!r}: leave one of them out"
+                        f"action, not for {name}={value!r}: leave one of them out"
                     )
         self.cost_step = getattr(self, "cost_step", "dual")
         if self.cost_step not in COST_STEPS:
